@@ -1,0 +1,48 @@
+# charllm: the two commands are `make demo` and `make test` (see README.md).
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+LOCK := requirements.lock
+STAMP := $(VENV)/.installed
+ENV := source scripts/airflow-env.sh &&
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv lint typecheck ui airflow-init bench clean
+
+$(STAMP): pyproject.toml $(LOCK)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[airflow,analysis,train,dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+airflow-init: $(STAMP)
+	$(ENV) $(BIN)/airflow db migrate > $$AIRFLOW_HOME/db-migrate.log 2>&1 || (tail -50 $$AIRFLOW_HOME/db-migrate.log; exit 1)
+
+## The main job: the demo campaign through Airflow on the local backend (SQLite metadata).
+demo: airflow-init
+	$(ENV) PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m charllm.demo
+
+## The whole test suite (starts PostgreSQL and the Slurm dev cluster when it can).
+test: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check charllm tests dags benchmarks
+	$(BIN)/ruff format --check charllm tests dags benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+## The Airflow UI with the campaign DAGs: http://localhost:8080 (see README).
+ui: airflow-init
+	$(ENV) PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/airflow standalone
+
+bench: $(STAMP)
+	$(ENV) $(BIN)/python benchmarks/dag_parse.py
+	$(ENV) $(BIN)/python benchmarks/demo_overhead.py
+
+clean:
+	rm -rf var airflow-home

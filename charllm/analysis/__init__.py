@@ -1,0 +1,1 @@
+"""Aggregation and figures (pandas, matplotlib). Never imported by DAG files at parse time."""

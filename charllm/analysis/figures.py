@@ -1,0 +1,703 @@
+"""Figures of a campaign, drawn from its tables (PNG and PDF, plus the plotted data as CSV).
+
+Analogues of CharLLM-PPT's figures:
+
+- ``fig4_parallelism``: avg/peak GPU temperature, power, avg SM clock and efficiency per
+  parallel layout at code 01000;
+- ``fig8_optimisations``: the same per layout across optimisation codes;
+- ``fig13_microbatch``: the same across micro batch sizes, efficiency normalised to the
+  smallest micro batch of each layout;
+- ``heatmap_temperature`` / ``heatmap_links`` (Figs 5, 17): one column per GPU (``host:slot``),
+  one row per cell: GPU and memory temperature avg/peak, NVLink and PCIe bytes;
+- ``fig15_kernels``: kernel-time breakdown by category per profiled rank;
+- ``pareto``: step time against energy per step for every ok cell, Pareto front highlighted;
+- ``drift``: a metric per measurement night per cell (scheduled campaigns);
+- ``throughput``, ``loss``.
+
+Cells that ran out of memory (or failed) are drawn as hatched bars labelled with their
+outcome, never left out. Each figure function returns the paths it wrote; every figure has
+a ``<stem>.csv`` with exactly the numbers it shows.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from charllm.analysis.aggregate import layout_label
+
+EFFICIENCY = "efficiency_samples_per_s_mj"
+OPT_NAMES = {"00000": "base", "10000": "cc", "01000": "act", "11000": "cc+act"}
+KERNEL_CATEGORIES = ("matmul", "attention", "all-reduce", "reduce-scatter", "all-gather", "send/recv", "other")
+
+# (column, axis label) of the four PPT panels, avg and peak drawn side by side
+PANELS: tuple[tuple[str, str], ...] = (
+    ("avg_gpu_temp_c", "avg GPU temp (°C)"),
+    ("peak_gpu_temp_c", "peak GPU temp (°C)"),
+    ("avg_power_w", "avg power (W)"),
+    ("peak_power_w", "peak power (W)"),
+    ("avg_sm_clock_mhz", "avg SM clock (MHz)"),
+    (EFFICIENCY, "efficiency (samples / (s·MJ))"),
+)
+
+
+def _save(fig: plt.Figure, out_dir: Path, stem: str, data: pd.DataFrame | None = None) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext in ("png", "pdf"):
+        p = out_dir / f"{stem}.{ext}"
+        fig.savefig(p, dpi=130, bbox_inches="tight")
+        paths.append(p)
+    plt.close(fig)
+    if data is not None:
+        p = out_dir / f"{stem}.csv"
+        data.to_csv(p, index=False)
+        paths.append(p)
+    return paths
+
+
+def _num(x: Any) -> float:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return math.nan
+    return v
+
+
+# -- one row per cell --------------------------------------------------------------------
+
+
+_CONFIG_COLUMNS = frozenset(
+    (
+        "repeat",
+        "attempt",
+        "n_layers",
+        "hidden",
+        "tp",
+        "pp",
+        "dp",
+        "cp",
+        "ep",
+        "micro_batch",
+        "global_batch",
+        "seq_len",
+        "world_size",
+        "nodes",
+    )
+)
+
+
+def cell_summary(cells: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell: the mean of each numeric column over its ok repeats.
+
+    ``outcome`` is ``ok`` if any repeat is ok, else the first repeat's outcome (e.g. ``oom``).
+    """
+    if cells.empty:
+        return cells.copy()
+    df = cells.copy()
+    if "layout" not in df:
+        df["layout"] = [layout_label(r) for r in df.to_dict("records")]
+    rows = []
+    for _cid, g in df.groupby("cell_id", sort=False):
+        ok = g[g["outcome"] == "ok"]
+        base = (ok if not ok.empty else g).iloc[0].to_dict()
+        if not ok.empty:
+            for col in ok.columns:
+                if col in _CONFIG_COLUMNS:
+                    continue
+                if pd.api.types.is_numeric_dtype(ok[col]) and not pd.api.types.is_bool_dtype(ok[col]):
+                    base[col] = ok[col].mean()
+            base["outcome"] = "ok"
+        base["repeats"] = len(g)
+        rows.append(base)
+    out = pd.DataFrame(rows)
+    order = [c for c in ("model", "layout", "micro_batch", "opt_code") if c in out]
+    return out.sort_values(order, kind="stable").reset_index(drop=True)
+
+
+# -- grouped bar panels ------------------------------------------------------------------
+
+
+def _mark_outcome(ax: plt.Axes, x: float, width: float, label: str) -> None:
+    """A hatched bar over the lower 45 % of the panel at ``x``, labelled with the outcome (e.g. OOM)."""
+    tr = ax.get_xaxis_transform()  # x in data, y in axes fraction: works on linear and log axes
+    ax.add_patch(
+        plt.Rectangle(
+            (x - width / 2, 0.0),
+            width,
+            0.45,
+            transform=tr,
+            facecolor="none",
+            edgecolor="#c44e52",
+            hatch="///",
+            linewidth=0.8,
+        )
+    )
+    ax.text(
+        x,
+        0.225,
+        label.upper(),
+        transform=tr,
+        ha="center",
+        va="center",
+        rotation=90,
+        fontsize=7,
+        color="#c44e52",
+        fontweight="bold",
+    )
+
+
+def grouped_panels(
+    summary: pd.DataFrame,
+    group_cols: Sequence[str],
+    series_col: str | None,
+    out_dir: Path,
+    stem: str,
+    title: str,
+    panels: Sequence[tuple[str, str]] = PANELS,
+    normalise: str | None = None,
+    group_label: Callable[[dict[str, Any]], str] | None = None,
+) -> list[Path]:
+    """Bars per group (x) and series (side by side) for each panel metric; OOM cells hatched.
+
+    ``normalise``: a column divided by its value at the group's first series (e.g. efficiency
+    normalised to the smallest micro batch); the panel is labelled accordingly.
+    """
+    s = summary.copy()
+    groups = list(dict.fromkeys(tuple(r) for r in s[list(group_cols)].itertuples(index=False)))
+    series = sorted(s[series_col].dropna().unique().tolist()) if series_col else [None]
+    nser = len(series)
+    width = 0.8 / max(nser, 1)
+    colors = plt.get_cmap("tab10")
+    records: list[dict[str, Any]] = []
+    ncols = 3 if len(panels) > 4 else 2
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(max(7.0, 0.55 * len(groups) * max(nser, 1) + 3) * ncols / 2, 3.0 * nrows), squeeze=False
+    )
+    labels = []
+    for gkey in groups:
+        gd = dict(zip(group_cols, gkey, strict=True))
+        labels.append(group_label(gd) if group_label else "\n".join(str(v) for v in gkey))
+    for pi, (col, ylabel) in enumerate(panels):
+        ax = axes[pi // ncols][pi % ncols]
+        pending: list[tuple[float, str]] = []
+        for gi, gkey in enumerate(groups):
+            mask = np.ones(len(s), bool)
+            for c, v in zip(group_cols, gkey, strict=True):
+                mask &= (s[c] == v).to_numpy()
+            g = s[mask]
+            ref = math.nan
+            for si, ser in enumerate(series):
+                x = gi + (si - (nser - 1) / 2) * width
+                row = g if ser is None else g[g[series_col] == ser]
+                if row.empty:
+                    continue
+                r = row.iloc[0]
+                outcome = str(r.get("outcome"))
+                val = _num(r.get(col)) if outcome == "ok" else math.nan
+                if normalise and col == normalise and outcome == "ok":
+                    if math.isnan(ref):
+                        ref = val
+                    val = val / ref if ref else math.nan
+                rec = {
+                    "group": labels[gi],
+                    "series": ser,
+                    "metric": col,
+                    "value": val,
+                    "outcome": outcome,
+                    "cell_name": r.get("cell_name"),
+                }
+                records.append(rec)
+                if outcome != "ok":
+                    pending.append((x, outcome))
+                    continue
+                ax.bar(x, val, width=width, color=colors(si % 10))
+        ax.set_xticks(range(len(groups)), labels, rotation=30, ha="right", fontsize=7)
+        ax.set_xlim(-0.6, len(groups) - 0.4)  # the hatched outcome bars do not take part in autoscaling
+        ax.set_ylabel(ylabel + (" (normalised)" if normalise and col == normalise else ""), fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        if col.endswith("temp_c") or col.endswith("clock_mhz") or col.endswith("power_w"):
+            vals = [r["value"] for r in records if r["metric"] == col and not math.isnan(r["value"])]
+            if vals:
+                ax.set_ylim(0, max(vals) * 1.15)
+        if col == EFFICIENCY and not (normalise and col == normalise):
+            vals = [r["value"] for r in records if r["metric"] == col and r["value"] > 0]
+            if vals and max(vals) / min(vals) > 50:
+                ax.set_yscale("log")
+        for x, outcome in pending:
+            _mark_outcome(ax, x, width, outcome)
+    for pi in range(len(panels), nrows * ncols):
+        axes[pi // ncols][pi % ncols].axis("off")
+    if series_col and nser > 1:
+        handles = [plt.Rectangle((0, 0), 1, 1, color=colors(i % 10)) for i in range(nser)]
+        names = [OPT_NAMES.get(str(x), str(x)) if series_col == "opt_code" else f"{series_col}={x}" for x in series]
+        fig.legend(handles, names, loc="upper right", fontsize=8, ncol=min(nser, 4))
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, out_dir, stem, pd.DataFrame(records))
+
+
+def _model_layout_label(d: dict[str, Any]) -> str:
+    return f"{d.get('model')}\n{d.get('layout')}" + (f" mb{d['micro_batch']}" if "micro_batch" in d else "")
+
+
+def fig4_parallelism(summary: pd.DataFrame, out_dir: Path, title: str, code: str = "01000") -> list[Path]:
+    """Fig 4: one bar per (model, layout, micro batch) at optimisation code ``code``."""
+    s = summary[summary["opt_code"] == code]
+    return grouped_panels(
+        s,
+        ["model", "layout", "micro_batch"],
+        None,
+        out_dir,
+        "fig4_parallelism",
+        f"{title} (code {code})",
+        group_label=_model_layout_label,
+    )
+
+
+def fig8_optimisations(summary: pd.DataFrame, out_dir: Path, title: str) -> list[Path]:
+    """Fig 8: per (model, layout, micro batch) the optimisation codes side by side."""
+    s = _groups_with_variety(summary, ["model", "layout", "micro_batch"], "opt_code")
+    return grouped_panels(
+        s,
+        ["model", "layout", "micro_batch"],
+        "opt_code",
+        out_dir,
+        "fig8_optimisations",
+        title,
+        group_label=_model_layout_label,
+    )
+
+
+def fig13_microbatch(summary: pd.DataFrame, out_dir: Path, title: str) -> list[Path]:
+    """Fig 13: per (model, layout, code) the micro batch sizes; efficiency normalised to the smallest."""
+    s = _groups_with_variety(summary, ["model", "layout", "opt_code"], "micro_batch")
+    return grouped_panels(
+        s,
+        ["model", "layout", "opt_code"],
+        "micro_batch",
+        out_dir,
+        "fig13_microbatch",
+        title,
+        normalise=EFFICIENCY,
+        group_label=lambda d: f"{d['model']}\n{d['layout']} {d['opt_code']}",
+    )
+
+
+def _groups_with_variety(summary: pd.DataFrame, group_cols: list[str], series_col: str) -> pd.DataFrame:
+    if summary.empty:
+        return summary
+    n = summary.groupby(group_cols, dropna=False)[series_col].transform("nunique")
+    return summary[n > 1]
+
+
+# -- per-GPU heatmaps --------------------------------------------------------------------
+
+
+def gpu_label(host: Any, slot: Any) -> str:
+    return f"{host}:{int(slot)}" if slot is not None and not pd.isna(slot) else f"{host}:?"
+
+
+def _gpu_sort_key(label: str) -> tuple[str, int]:
+    host, _, slot = label.rpartition(":")
+    return host, int(slot) if slot.isdigit() else -1
+
+
+def gpu_matrix(
+    gpus: pd.DataFrame, cells: pd.DataFrame, value: Callable[[pd.DataFrame], pd.Series] | str
+) -> pd.DataFrame:
+    """Rows: cells (in ``cells`` order, named by cell_name); columns: GPUs ``host:slot``; mean over repeats."""
+    names = dict(zip(cells["cell_id"], cells["cell_name"], strict=False))
+    g = gpus[gpus["cell_id"].isin(names)].copy()
+    g["gpu"] = [gpu_label(h, s) for h, s in zip(g["host"], g["gpu_index"], strict=True)]
+    g["v"] = value(g) if callable(value) else g[value]
+    m = g.groupby(["cell_id", "gpu"])["v"].mean().unstack("gpu")
+    cols = sorted(set(g["gpu"]), key=_gpu_sort_key)
+    order = [c for c in cells["cell_id"] if c in names]
+    m = m.reindex(index=order, columns=cols)
+    m.index = [names[c] for c in m.index]
+    return m
+
+
+def heatmaps(gpus: pd.DataFrame, summary: pd.DataFrame, out_dir: Path, title: str) -> list[Path]:
+    """Figs 5/17: per-GPU temperature and link-traffic heatmaps, one row per cell (all codes;
+    the paper shows code 00000, which is the first block of rows here)."""
+    rows = summary.sort_values(["opt_code", "model", "layout", "micro_batch"], kind="stable")
+    paths = _heatmap_figure(
+        gpus,
+        rows,
+        out_dir,
+        "heatmap_temperature",
+        title,
+        [
+            ("avg_gpu_temp_c", "avg GPU temp (°C)"),
+            ("peak_gpu_temp_c", "peak GPU temp (°C)"),
+            ("avg_mem_temp_c", "avg memory temp (°C)"),
+            ("peak_mem_temp_c", "peak memory temp (°C)"),
+        ],
+    )
+    paths += _heatmap_figure(
+        gpus,
+        rows,
+        out_dir,
+        "heatmap_links",
+        title,
+        [("nvlink_gb", "NVLink tx+rx (GB)"), ("pcie_gb", "PCIe tx+rx (GB)")],
+    )
+    return paths
+
+
+def _derived(g: pd.DataFrame, metric: str) -> pd.Series:
+    if metric == "nvlink_gb":
+        return (g["nvlink_tx_bytes"] + g["nvlink_rx_bytes"]) / 1e9
+    if metric == "pcie_gb":
+        return (g["pcie_tx_bytes"] + g["pcie_rx_bytes"]) / 1e9
+    return g[metric]
+
+
+def _heatmap_figure(
+    gpus: pd.DataFrame, rows: pd.DataFrame, out_dir: Path, stem: str, title: str, panels: Sequence[tuple[str, str]]
+) -> list[Path]:
+    mats = [gpu_matrix(gpus, rows, functools.partial(_derived, metric=m)) for m, _ in panels]
+    ncols = 2
+    nrows = math.ceil(len(panels) / ncols)
+    ncell, ngpu = mats[0].shape
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(max(5.0, 0.5 * ngpu + 3) * ncols, max(2.5, 0.4 * ncell + 1.8) * nrows), squeeze=False
+    )
+    outcome = dict(zip(rows["cell_name"], rows["outcome"], strict=False))
+    records = []
+    for pi, ((metric, label), m) in enumerate(zip(panels, mats, strict=True)):
+        ax = axes[pi // ncols][pi % ncols]
+        data = np.ma.masked_invalid(m.to_numpy(float))
+        cmap = plt.get_cmap("inferno").with_extremes(bad="#dddddd")
+        im = ax.imshow(data, aspect="auto", cmap=cmap)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).set_label(label, fontsize=8)
+        ax.set_xticks(range(ngpu), list(m.columns), rotation=90, fontsize=7)
+        ax.set_yticks(range(ncell), list(m.index), fontsize=7)
+        ax.set_title(label, fontsize=9)
+        for ri, name in enumerate(m.index):
+            oc = outcome.get(name, "ok")
+            if oc != "ok":
+                ax.add_patch(
+                    plt.Rectangle(
+                        (-0.5, ri - 0.5), max(ngpu, 1), 1, fill=False, hatch="///", edgecolor="#c44e52", linewidth=0
+                    )
+                )
+                ax.text(
+                    (ngpu - 1) / 2,
+                    ri,
+                    oc.upper(),
+                    ha="center",
+                    va="center",
+                    color="#c44e52",
+                    fontsize=8,
+                    fontweight="bold",
+                )
+            for ci, gpu in enumerate(m.columns):
+                v = m.iat[ri, ci]
+                records.append({"cell_name": name, "gpu": gpu, "metric": metric, "value": v, "outcome": oc})
+                if ncell * ngpu <= 400 and not pd.isna(v):
+                    ax.text(
+                        ci,
+                        ri,
+                        f"{v:.0f}" if abs(v) >= 10 else f"{v:.2g}",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="w" if data[ri, ci] < np.nanmean(m.to_numpy(float)) else "k",
+                    )
+    for pi in range(len(panels), nrows * ncols):
+        axes[pi // ncols][pi % ncols].axis("off")
+    fig.suptitle(f"{title}: per GPU (host:slot)")
+    fig.tight_layout()
+    return _save(fig, out_dir, stem, pd.DataFrame(records))
+
+
+# -- kernels, Pareto, drift, throughput, loss -------------------------------------------
+
+
+def fig15_kernels(kernels: pd.DataFrame, summary: pd.DataFrame, out_dir: Path, title: str) -> list[Path]:
+    """Fig 15: stacked kernel-time fractions by category, one bar per profiled (cell, rank)."""
+    names = dict(zip(summary["cell_id"], summary["cell_name"], strict=False))
+    k = kernels[kernels["cell_id"].isin(names)]
+    k = k.groupby(["cell_id", "rank", "category"], as_index=False)["time_s"].mean()
+    pos = {c: i for i, c in enumerate(summary["cell_id"])}
+    bars = sorted(dict.fromkeys(zip(k["cell_id"], k["rank"], strict=True)), key=lambda b: (pos[b[0]], b[1]))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(bars) + 3), 4.2))
+    bottom = np.zeros(len(bars))
+    records = []
+    cmap = plt.get_cmap("tab10")
+    totals = np.array([k[(k["cell_id"] == c) & (k["rank"] == r)]["time_s"].sum() for c, r in bars])
+    for ci, cat in enumerate(KERNEL_CATEGORIES):
+        vals = np.array(
+            [k[(k["cell_id"] == c) & (k["rank"] == r) & (k["category"] == cat)]["time_s"].sum() for c, r in bars]
+        )
+        frac = np.divide(vals, totals, out=np.zeros_like(vals), where=totals > 0)
+        ax.bar(range(len(bars)), frac, bottom=bottom, color=cmap(ci), label=cat)
+        bottom += frac
+        for (c, r), f, v in zip(bars, frac, vals, strict=True):
+            records.append({"cell_name": names[c], "rank": int(r), "category": cat, "time_s": v, "fraction": f})
+    ax.set_xticks(range(len(bars)), [f"{names[c]}\nrank {r}" for c, r in bars], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("fraction of kernel time")
+    ax.set_ylim(0, 1.0)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title(title)
+    return _save(fig, out_dir, "fig15_kernels", pd.DataFrame(records))
+
+
+def pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Mask of the points no other point beats in both x and y (both minimised)."""
+    n = len(x)
+    front = np.ones(n, bool)
+    for i in range(n):
+        better = (x <= x[i]) & (y <= y[i]) & ((x < x[i]) | (y < y[i]))
+        front[i] = not better.any()
+    return front
+
+
+def _energy_column(summary: pd.DataFrame) -> str:
+    for col in ("energy_per_step_sampled_j", "energy_per_step_j"):
+        if col in summary and np.isfinite(summary[col].astype(float)).any():
+            return col
+    return ""
+
+
+def pareto_figure(summary: pd.DataFrame, out_dir: Path, title: str) -> list[Path]:
+    """Step time vs energy per step of every ok cell, one Pareto front per workload.
+
+    A workload is (model, global batch, sequence length): only cells doing the same work per
+    step are comparable, so each gets its own front (highlighted); OOM and failed cells are
+    listed under the plot.
+    """
+    ecol = _energy_column(summary)
+    ok = summary[(summary["outcome"] == "ok")].copy()
+    ok = ok[np.isfinite(ok["step_time_median_s"].astype(float)) & np.isfinite(ok[ecol].astype(float))]
+    ok["workload"] = [
+        f"{m} gb{int(g)} s{int(q)}" for m, g, q in zip(ok["model"], ok["global_batch"], ok["seq_len"], strict=True)
+    ]
+    fig, ax = plt.subplots(figsize=(7.2, 4.8))
+    cmap = plt.get_cmap("tab10")
+    parts = []
+    for wi, (wl, g) in enumerate(ok.groupby("workload", sort=True)):
+        x = g["step_time_median_s"].to_numpy(float)
+        y = g[ecol].to_numpy(float) / 1e3
+        front = pareto_front(x, y)
+        c = cmap(wi % 10)
+        ax.scatter(x[~front], y[~front], color=c, alpha=0.45, s=22)
+        order = np.argsort(x[front])
+        ax.plot(x[front][order], y[front][order], "-o", color=c, label=f"{wl} (front)", linewidth=1.5)
+        for xi, yi, r in zip(x, y, g.to_dict("records"), strict=True):
+            ax.annotate(
+                f"{r['layout']} {r['opt_code']} mb{int(r['micro_batch'])}",
+                (xi, yi),
+                fontsize=6,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+        parts.append(
+            pd.DataFrame(
+                {
+                    "cell_name": g["cell_name"],
+                    "workload": wl,
+                    "step_time_s": x,
+                    "energy_per_step_j": y * 1e3,
+                    "on_front": front,
+                    "outcome": "ok",
+                }
+            )
+        )
+    bad = summary[summary["outcome"] != "ok"]
+    if not bad.empty:
+        txt = "not drawn: " + "; ".join(
+            f"{n} ({o.upper()})" for n, o in zip(bad["cell_name"], bad["outcome"], strict=True)
+        )
+        fig.text(0.01, -0.02, txt, ha="left", va="top", fontsize=6, color="#c44e52", wrap=True)
+        parts.append(pd.DataFrame({"cell_name": bad["cell_name"], "outcome": bad["outcome"]}))
+    ax.set_xlabel("step time (s)")
+    ax.set_ylabel("energy per step (kJ, all GPUs)")
+    ax.grid(alpha=0.3)
+    if parts:
+        ax.legend(fontsize=7, loc="best")
+    ax.set_title(title)
+    return _save(fig, out_dir, "pareto", pd.concat(parts, ignore_index=True) if parts else pd.DataFrame())
+
+
+def drift_figure(cells: pd.DataFrame, out_dir: Path, title: str, metric: str = EFFICIENCY) -> list[Path]:
+    """A metric per measurement night (UTC date of ``measured_at``) per cell: nightly drift.
+
+    Falls back to tokens/s (then step time) where the cells carry no ``metric``.
+    """
+    for m in (metric, "tokens_per_s", "step_time_median_s"):  # CPU runs have no efficiency
+        if m in cells and cells[m].notna().any():
+            metric = m
+            break
+    else:
+        return []
+    ok = cells[(cells["outcome"] == "ok") & cells["measured_at"].notna()].copy()
+    ok["night"] = pd.to_datetime(ok["measured_at"], utc=True).dt.tz_convert("UTC").dt.normalize()
+    ok["value"] = ok[metric].astype(float)
+    data = ok.groupby(["cell_name", "night"], as_index=False)["value"].mean()
+    fig, ax = plt.subplots(figsize=(7.0, 4.2))
+    for name, g in data.groupby("cell_name"):
+        ax.plot(g["night"], g["value"], "-o", label=str(name))
+    ax.set_ylabel(metric)
+    ax.set_xlabel("night (UTC)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.autofmt_xdate()
+    ax.set_title(title)
+    data = data.assign(night=data["night"].dt.strftime("%Y-%m-%d"), metric=metric)
+    return _save(fig, out_dir, "drift", data)
+
+
+def throughput_figure(cells: pd.DataFrame, out_dir: Path, title: str) -> list[Path]:
+    """Tokens/s per cell (mean over repeats, min-max bars); OOM and failed cells are hatched and labelled."""
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * max(1, cells["cell_name"].nunique())), 4.2))
+    names = sorted(cells["cell_name"].unique()) if not cells.empty else []
+    pending = []
+    records = []
+    for i, name in enumerate(names):
+        sub = cells[cells["cell_name"] == name]
+        ok = sub[sub["outcome"] == "ok"]
+        if not ok.empty and "tokens_per_s" in ok:
+            v = ok["tokens_per_s"]
+            ax.bar(i, v.mean(), color="#4c72b0")
+            ax.errorbar(i, v.mean(), yerr=[[v.mean() - v.min()], [v.max() - v.mean()]], color="k", capsize=3)
+            records.append({"cell_name": name, "tokens_per_s": v.mean(), "outcome": "ok"})
+        else:
+            pending.append((i, str(sub["outcome"].iloc[0])))
+            records.append({"cell_name": name, "tokens_per_s": math.nan, "outcome": str(sub["outcome"].iloc[0])})
+    ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("tokens / s")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    if pending and not any(r["outcome"] == "ok" for r in records):
+        ax.set_ylim(0, 1)
+    ax.set_xlim(-0.6, len(names) - 0.4)
+    for i, oc in pending:
+        _mark_outcome(ax, i, 0.8, oc)
+    return _save(fig, out_dir, "throughput", pd.DataFrame(records))
+
+
+def loss_figure(steps: pd.DataFrame, cells: pd.DataFrame, out_dir: Path, title: str) -> list[Path]:
+    """Training loss by step for every ok cell and repeat."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    names = dict(zip(cells["cell_id"], cells["cell_name"], strict=False)) if not cells.empty else {}
+    if not steps.empty:
+        for (cid, rep), g in steps.groupby(["cell_id", "repeat"]):
+            ax.plot(g["step"], g["loss"], marker=".", label=f"{names.get(cid, cid)} r{rep}")
+        ax.legend(fontsize=6)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    data = steps[[c for c in ("cell_id", "repeat", "step", "phase", "loss") if c in steps]] if not steps.empty else None
+    if data is not None:
+        data = data.assign(cell_name=data["cell_id"].map(names))
+    return _save(fig, out_dir, "loss", data)
+
+
+# -- everything the data supports ---------------------------------------------------------
+
+
+def _tables_from(tables_dir: Path | None, cells: pd.DataFrame) -> Path | None:
+    if tables_dir is not None:
+        return Path(tables_dir)
+    hint = cells.attrs.get("tables_dir") if hasattr(cells, "attrs") else None
+    return Path(hint) if hint else None
+
+
+def _read(tables_dir: Path | None, name: str) -> pd.DataFrame:
+    if tables_dir is None:
+        return pd.DataFrame()
+    p = tables_dir / f"{name}.parquet"
+    return pd.read_parquet(p) if p.is_file() else pd.DataFrame()
+
+
+def _nights(cells: pd.DataFrame) -> int:
+    if "measured_at" not in cells or cells.empty:
+        return 0
+    t = pd.to_datetime(cells["measured_at"], utc=True, errors="coerce").dropna()
+    return int(t.dt.normalize().nunique())
+
+
+def draw_all(
+    cells: pd.DataFrame,
+    steps: pd.DataFrame,
+    out_dir: Path,
+    campaign: str,
+    *,
+    gpus: pd.DataFrame | None = None,
+    kernels: pd.DataFrame | None = None,
+    tables_dir: Path | None = None,
+    references: Sequence[Any] | None = None,
+    schedule: str | None = None,
+    report: bool = True,
+) -> list[Path]:
+    """Every figure the campaign's data supports, and ``report.md``; returns all paths.
+
+    The per-GPU and kernel tables come from ``gpus``/``kernels``, else from ``tables_dir``
+    (by default the directory ``aggregate`` wrote ``cells`` to). ``references`` and
+    ``schedule`` default to the campaign file's (looked up by name in the campaigns folder).
+    """
+    out_dir = Path(out_dir)
+    tdir = _tables_from(tables_dir, cells)
+    if gpus is None:
+        gpus = _read(tdir, "gpus")
+    if kernels is None:
+        kernels = _read(tdir, "kernels")
+    if references is None or schedule is None:
+        from charllm.reference import campaign_settings
+
+        refs, sched = campaign_settings(campaign)
+        references = refs if references is None else references
+        schedule = sched if schedule is None else schedule
+
+    paths = throughput_figure(cells, out_dir, f"{campaign}: throughput per cell")
+    paths += loss_figure(steps, cells, out_dir, f"{campaign}: training loss")
+    summary = cell_summary(cells)
+    if summary.empty:
+        return paths
+    for col in (
+        EFFICIENCY,
+        "avg_gpu_temp_c",
+        "peak_gpu_temp_c",
+        "avg_power_w",
+        "peak_power_w",
+        "avg_sm_clock_mhz",
+        "step_time_median_s",
+    ):
+        if col not in summary:
+            summary[col] = math.nan
+    if "opt_code" in summary and (summary["opt_code"] == "01000").any():
+        paths += fig4_parallelism(summary, out_dir, f"{campaign}: per parallel layout")
+    if not _groups_with_variety(summary, ["model", "layout", "micro_batch"], "opt_code").empty:
+        paths += fig8_optimisations(summary, out_dir, f"{campaign}: per optimisation code")
+    if not _groups_with_variety(summary, ["model", "layout", "opt_code"], "micro_batch").empty:
+        paths += fig13_microbatch(summary, out_dir, f"{campaign}: per micro batch")
+    if gpus is not None and not gpus.empty:
+        paths += heatmaps(gpus, summary, out_dir, campaign)
+    if kernels is not None and not kernels.empty:
+        paths += fig15_kernels(kernels, summary, out_dir, f"{campaign}: kernel time by category")
+    if (summary["outcome"] == "ok").any() and _energy_column(summary):  # CPU cells have no energy
+        paths += pareto_figure(summary, out_dir, f"{campaign}: time / energy per step")
+    if schedule or _nights(cells) > 1:
+        paths += drift_figure(cells, out_dir, f"{campaign}: nightly drift")
+    if report:
+        from charllm.reference import check_references, write_report
+
+        checks = check_references(references or [], cells)
+        paths.append(write_report(out_dir, campaign, cells, checks, paths, gpus=gpus))
+    return paths

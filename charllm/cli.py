@@ -1,0 +1,179 @@
+"""The command-line twin of the campaign DAGs, for people who script around Airflow.
+
+    charllm validate [FILE...]        check campaign files (all of include/campaigns by default)
+    charllm plan FILE [--cells GLOB]   cells, hashes, which are done, estimated GPU-hours
+    charllm render FILE DEST           write the sbatch scripts without submitting
+    charllm run FILE [--cells GLOB]    run cells now through the campaign's backend (no Airflow)
+    charllm status FILE                attempts and outcomes from the catalog
+    charllm aggregate FILE             build the campaign's Parquet tables
+    charllm figures FILE               draw the campaign's figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from charllm.campaign import dedupe, discover, load_campaign
+from charllm.errors import CharllmError, ConfigError
+from charllm.paths import campaigns_dir
+
+
+def _progress(i: int, n: int, what: str) -> None:
+    print(f"[{i}/{n}] {what}", flush=True)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    paths = [Path(p) for p in args.files] or discover(campaigns_dir())
+    bad = 0
+    loaded = []
+    for p in paths:
+        try:
+            lc = load_campaign(p)
+        except ConfigError as err:
+            bad += 1
+            print(f"ERROR {err}")
+            continue
+        loaded.append(lc)
+        print(f"ok    {p}: {len(lc.cells)} cells on {lc.cluster.name}")
+    if loaded:
+        owners = dedupe(loaded)
+        shared = sum(1 for v in owners.values() if len(v) > 1)
+        total = sum(len(lc.cells) for lc in loaded)
+        print(f"{total} cells in {len(loaded)} campaigns, {len(owners)} unique ({shared} shared)")
+    return 1 if bad else 0
+
+
+def estimate_hours(lc_cluster_time_limit: str, world: int, repeats: int) -> float:
+    from charllm.backends.local import parse_time_limit
+
+    return parse_time_limit(lc_cluster_time_limit) / 3600 * world * repeats
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from charllm.catalog import Catalog
+
+    lc = load_campaign(args.file)
+    cat = Catalog()
+    reps = args.repeats or lc.campaign.repeats
+    todo_h = 0.0
+    print(f"{'cell':<56} {'hash':<16} {'gpus':>4}  status")
+    for c in lc.select(args.cells):
+        done = [r for r in range(reps) if cat.valid_result(c.cell_id, r) is not None]
+        status = "done" if len(done) == reps else (f"{len(done)}/{reps} done" if done else "to run")
+        if len(done) < reps:
+            todo_h += estimate_hours(lc.cluster.time_limit, c.world_size, reps - len(done))
+        print(f"{c.name:<56} {c.cell_id:<16} {c.world_size:>4}  {status}")
+    print(f"GPU-hours still to spend (at the {lc.cluster.time_limit} job limit, an upper bound): {todo_h:.1f}")
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from charllm.runner import CampaignRunner
+
+    runner = CampaignRunner.from_file(args.file)
+    cells = runner.lc.select(args.cells)
+    for i, c in enumerate(cells, 1):
+        p = runner.render(c.cell_id, 0, Path(args.dest) / c.name)
+        _progress(i, len(cells), str(p))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run cells synchronously through the backend (handy on a GPU box without Airflow)."""
+    from charllm.errors import JobFailedError
+    from charllm.runner import CampaignRunner
+
+    runner = CampaignRunner.from_file(args.file)
+    runner.install()
+    items = runner.plan(args.cells, args.repeats, args.force)
+    failed = 0
+    for i, item in enumerate(items, 1):
+        h = runner.ensure_submitted(item["cell_id"], item["repeat"], "cli", new=args.force)
+        _progress(i, len(items), f"{item['name']} r{item['repeat']}: job {h.job_id}")
+        while True:
+            st = runner.backend.statuses([h.job_id])[h.job_id]
+            if st.state.is_terminal:
+                break
+            time.sleep(runner.poll_interval_s)
+        try:
+            s = runner.finish(h, st)
+            print(f"        {s['outcome']}: {s['result_dir']}")
+        except JobFailedError as err:
+            failed += 1
+            print(f"        FAILED: {err}\n{runner.job_tail(h)}")
+    runner.aggregate()
+    for p in runner.visualize("cli"):
+        print(f"figure: {p}")
+    return 1 if failed else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from charllm.catalog import Catalog
+
+    lc = load_campaign(args.file)
+    cat = Catalog()
+    names = {c.cell_id: c.name for c in lc.cells}
+    for a in cat.attempts(campaign=lc.name):
+        print(f"{names.get(a.cell_id, a.cell_id):<56} r{a.repeat} a{a.attempt} {a.state:<10} {a.outcome or '-':<9} "
+              f"{a.job_id or '-'}")
+    print(cat.summary(lc.name))
+    return 0
+
+
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    from charllm.runner import CampaignRunner
+
+    info = CampaignRunner.from_file(args.file).aggregate()
+    print(info)
+    return 0
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    from charllm.runner import CampaignRunner
+
+    for p in CampaignRunner.from_file(args.file).visualize(args.run_id):
+        print(p)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="charllm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("validate")
+    p.add_argument("files", nargs="*")
+    p.set_defaults(fn=cmd_validate)
+    for name, fn in (("plan", cmd_plan), ("run", cmd_run)):
+        p = sub.add_parser(name)
+        p.add_argument("file")
+        p.add_argument("--cells", default="*")
+        p.add_argument("--repeats", type=int, default=None)
+        p.add_argument("--force", action="store_true")
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("render")
+    p.add_argument("file")
+    p.add_argument("dest")
+    p.add_argument("--cells", default="*")
+    p.set_defaults(fn=cmd_render)
+    for name, fn in (("status", cmd_status), ("aggregate", cmd_aggregate), ("figures", cmd_figures)):
+        p = sub.add_parser(name)
+        p.add_argument("file")
+        if name == "figures":
+            p.add_argument("--run-id", default="cli")
+        p.set_defaults(fn=fn)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except CharllmError as err:
+        print(f"charllm: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

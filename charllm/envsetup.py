@@ -1,0 +1,150 @@
+"""The install and dataset stages.
+
+On the local backend the training environment is the orchestrator's own interpreter:
+``install`` verifies that it imports the training stack and records versions. On a
+cluster, ``install`` submits the environment job (``include/templates/install.sbatch.j2``):
+a venv at the cluster profile's ``env_dir`` with the training packages pinned by
+``requirements.lock``, charllm's own source, and a smoke test. The job is keyed by the hash
+of everything it installs, so a second run finds the finished job (or the marker file it
+leaves in the environment) and skips it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import logging
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jinja2
+
+from charllm.backends.base import JobHandle, JobIdentity, JobSpec, JobState
+from charllm.errors import CharllmError
+from charllm.paths import include_dir
+from charllm.render import shell_path
+from charllm.shell import q
+
+if TYPE_CHECKING:
+    from charllm.runner import CampaignRunner
+
+log = logging.getLogger(__name__)
+
+ENV_CAMPAIGN = "charllm-env"
+_PKG = Path(__file__).resolve().parent
+LOCK_FILE = _PKG.parent / "requirements.lock"
+
+_SMOKE = (
+    "import json, platform, torch, charllm, charllm.train; "
+    "print(json.dumps({'python': platform.python_version(), 'torch': torch.__version__, "
+    "'cuda': torch.cuda.is_available(), 'charllm': charllm.__version__}))"
+)
+
+
+def source_tarball() -> bytes:
+    """charllm's Python sources as a deterministic .tar.gz (no caches, fixed mtimes)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=9) as tar:
+        for path in sorted(_PKG.rglob("*.py")):
+            if "__pycache__" in path.parts:
+                continue
+            info = tar.gettarinfo(str(path), arcname=str(path.relative_to(_PKG.parent)))
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            with path.open("rb") as fh:
+                tar.addfile(info, fh)
+    return buf.getvalue()
+
+
+def lock_text() -> str:
+    try:
+        return LOCK_FILE.read_text()
+    except OSError as err:
+        raise CharllmError(f"cannot read the dependency lock {LOCK_FILE}: {err}") from err
+
+
+def environment_job(runner: CampaignRunner, attempt: int = 1) -> tuple[JobSpec, str]:
+    """The environment job for the runner's cluster, and its lock hash."""
+    cluster = runner.lc.cluster
+    env_dir = cluster.env_dir or "charllm-env"
+    src = source_tarball()
+    lock = lock_text()
+    key = json.dumps(
+        {"lock": lock, "packages": cluster.train_packages, "pip": cluster.pip_args, "env": env_dir,
+         "src": hashlib.sha256(src).hexdigest()},
+        sort_keys=True,
+    )
+    lock_hash = hashlib.sha256(key.encode()).hexdigest()[:16]
+    ident = JobIdentity(ENV_CAMPAIGN, f"env{lock_hash}", 0, attempt)
+    gres = cluster.gres_per_node or (None if cluster.gpu_type == "cpu" else "gpu:1")
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(include_dir() / "templates")),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters["q"] = q
+    script = env.get_template("install.sbatch.j2").render(
+        ident=ident, cluster=cluster, env_dir=env_dir, env_sh=shell_path(env_dir), lock_hash=lock_hash,
+        packages=cluster.train_packages, pip_args=cluster.pip_args, bootstrap_python=cluster.bootstrap_python,
+        gres=gres, smoke_cell=False,
+    )
+    files = {"constraints.txt": lock, "charllm-src.tar.gz.b64": base64.b64encode(src).decode() + "\n"}
+    return JobSpec(ident, script, files), lock_hash
+
+
+def ensure_environment(runner: CampaignRunner) -> dict[str, Any]:
+    """Local: verify. Cluster: skip if built, else submit the environment job (returns its handle)."""
+    if runner.backend.name == "local":
+        proc = subprocess.run([sys.executable, "-c", _SMOKE], capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise CharllmError(f"the local training environment does not import: {proc.stderr[-2000:]}")
+        info = json.loads(proc.stdout.strip().splitlines()[-1])
+        log.info("local training environment OK: %s", info)
+        return {"backend": "local", "python": sys.executable, "skipped": True, **info}
+    attempt = 1
+    while True:
+        spec, lock_hash = environment_job(runner, attempt)
+        found = runner.backend.find(spec.identity)
+        if found is None:
+            break
+        st = runner.backend.statuses([found.job_id])[found.job_id]
+        if st.state is JobState.COMPLETED:
+            log.info("environment %s (lock %s) was built by job %s: skipped", runner.lc.cluster.env_dir,
+                     lock_hash, found.job_id)
+            return {"skipped": True, "lock_hash": lock_hash, "job_id": found.job_id}
+        if not st.state.is_terminal:
+            log.info("environment job %s (lock %s) is still %s: waiting for it", found.job_id, lock_hash,
+                     st.state.value)
+            return {"skipped": False, "lock_hash": lock_hash, "handle": found.as_dict()}
+        log.warning("environment job %s ended %s; trying again as attempt %d", found.job_id, st.state.value,
+                    attempt + 1)
+        attempt += 1
+        if attempt > 5:
+            raise CharllmError(f"the environment job failed {attempt - 1} times; see {found.workdir}")
+    handle = runner.backend.submit(spec)
+    log.info("environment job %s submitted (lock %s) in %s", handle.job_id, lock_hash, handle.workdir)
+    return {"skipped": False, "lock_hash": lock_hash, "handle": handle.as_dict()}
+
+
+def check_environment_job(runner: CampaignRunner, handle: JobHandle, state: JobState, exit_code: int | None) -> None:
+    """Raise with the job's log tail unless the environment job succeeded."""
+    if state is JobState.COMPLETED:
+        return
+    out, err = runner.backend.tail(handle, 4000)
+    raise CharllmError(
+        f"environment job {handle.job_id} ended {state.value} (exit code {exit_code})\n"
+        f"--- stdout ---\n{out}\n--- stderr ---\n{err}"
+    )
+
+
+def ensure_dataset(runner: CampaignRunner) -> dict[str, Any]:
+    ds = runner.lc.campaign.dataset
+    if ds.kind == "synthetic":
+        log.info("dataset: synthetic, generated by each job from the cell's seed; nothing to prepare")
+        return {"kind": "synthetic"}
+    raise CharllmError(f"dataset kind {ds.kind!r} is not supported yet")

@@ -1,0 +1,161 @@
+"""Build one Airflow DAG from one campaign file.
+
+The DAG: ``install`` (submit -> wait) -> ``prepare_dataset`` -> ``plan`` -> one mapped task group per
+cell repeat (``submit`` -> ``wait`` (deferrable) -> ``collect``) -> ``aggregate`` ->
+``visualize`` -> ``verdict``. Parsing it reads only the YAML file: no network, no
+catalog, no torch/pandas/matplotlib. A broken campaign file raises ConfigError here, so
+Airflow shows it as that DAG file's import error and every other campaign still loads.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import DAG, Param, TriggerRule, get_current_context, task, task_group
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+from charllm.campaign import load_campaign
+from charllm.orchestrate.operators import CellJobSensor, EnvironmentJobSensor, collect_cell, runner_for
+from charllm.paths import campaigns_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ARGS: dict[str, Any] = {
+    "owner": "charllm",
+    "retries": 2,
+    "retry_delay": timedelta(seconds=30),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": timedelta(minutes=30),
+}
+
+
+def _resolve(campaign_file: str | Path) -> Path:
+    p = Path(campaign_file)
+    if not p.is_absolute() and not p.exists():
+        p = campaigns_dir() / p
+    return p.resolve()
+
+
+def dag_id_for(name: str) -> str:
+    return f"charllm_{name}"
+
+
+def campaign_dag(campaign_file: str | Path) -> DAG:
+    """The DAG of one campaign file (``include/campaigns/<file>`` if relative)."""
+    path = _resolve(campaign_file)
+    lc = load_campaign(path)
+    camp = lc.campaign
+    src = str(path)
+    doc = (
+        f"### Campaign `{camp.name}`\n\n{camp.description}\n\n"
+        f"File: `{src}` · cluster `{lc.cluster.name}` ({lc.cluster.gpu_type}) · backend `{camp.backend}` · "
+        f"{len(lc.cells)} cells x {camp.repeats} repeats.\n\n"
+        "Trigger with the form to choose cells (glob over names or hash prefixes), repeats, a dry run "
+        "(render job scripts only) or a forced re-run of cells that already have valid results."
+    )
+    with DAG(
+        dag_id=dag_id_for(camp.name),
+        description=(camp.description or f"charllm campaign {camp.name}")[:200],
+        doc_md=doc,
+        schedule=camp.schedule,
+        start_date=datetime(2026, 1, 1),
+        catchup=False,
+        max_active_runs=1,
+        default_args=DEFAULT_ARGS,
+        tags=["charllm", camp.backend, lc.cluster.gpu_type, *camp.tags],
+        params={
+            "cells": Param("*", type="string", title="Cells",
+                           description="Comma-separated globs over cell names, or cell-hash prefixes; * for all."),
+            "repeats": Param(camp.repeats, type="integer", minimum=1, maximum=100, title="Repeats"),
+            "dry_run": Param(False, type="boolean", title="Dry run",
+                             description="Render the job scripts only; submit nothing."),
+            "force": Param(False, type="boolean", title="Force re-run",
+                           description="Run cells again even if they already have valid results."),
+        },
+        render_template_as_native_obj=True,
+    ) as dag:
+
+        @task(task_id="submit")
+        def install_submit() -> dict[str, Any]:
+            return runner_for(src).install()
+
+        @task_group(group_id="install")
+        def install() -> Any:
+            job = install_submit()
+            return EnvironmentJobSensor(task_id="wait", campaign_file=src, job=job)
+
+        @task(task_id="prepare_dataset")
+        def prepare_dataset() -> dict[str, Any]:
+            return runner_for(src).prepare_dataset()
+
+        @task(task_id="plan")
+        def plan() -> list[dict[str, Any]]:
+            ctx = get_current_context()
+            p = ctx["params"]
+            runner = runner_for(src)
+            items = runner.plan(p.get("cells"), int(p.get("repeats") or camp.repeats), bool(p.get("force")))
+            log.info("%d cell repeat(s) to run: %s", len(items), ", ".join(f"{i['name']}#r{i['repeat']}" for i in items))
+            return items
+
+        @task(task_id="submit", map_index_template="{{ cell_label }}")
+        def submit(item: dict[str, Any]) -> dict[str, Any] | None:
+            ctx = get_current_context()
+            ctx["cell_label"] = f"{item['name']} r{item['repeat']}"  # type: ignore[typeddict-unknown-key]
+            runner = runner_for(src)
+            if ctx["params"].get("dry_run"):
+                dest = runner.home / "dry-run" / camp.name / ctx["run_id"].replace(":", "_") / f"{item['name']}-r{item['repeat']}"
+                script = runner.render(item["cell_id"], item["repeat"], dest)
+                log.info("dry run: wrote %s", script)
+                return None
+            return runner.ensure_submitted(item["cell_id"], item["repeat"], ctx["run_id"],
+                                           new=bool(item.get("force"))).as_dict()
+
+        @task(task_id="collect")
+        def collect(waited: dict[str, Any] | None) -> dict[str, Any]:
+            return collect_cell(src, waited)
+
+        @task_group(group_id="cell")
+        def cell(item: dict[str, Any]) -> Any:
+            handle = submit(item)
+            waited = CellJobSensor(task_id="wait", campaign_file=src, item=item, handle=handle)
+            return collect(waited.output)  # type: ignore[arg-type]
+
+        @task(task_id="aggregate", trigger_rule=TriggerRule.ALL_DONE)
+        def aggregate() -> dict[str, Any]:
+            if get_current_context()["params"].get("dry_run"):
+                raise AirflowSkipException("dry run: nothing to aggregate")
+            return runner_for(src).aggregate()
+
+        @task(task_id="visualize", trigger_rule=TriggerRule.ALL_DONE)
+        def visualize(agg: dict[str, Any] | None) -> list[str]:
+            ctx = get_current_context()
+            if ctx["params"].get("dry_run") or not agg:
+                raise AirflowSkipException("no tables to draw from")
+            paths = runner_for(src).visualize(ctx["run_id"])
+            for p in paths:
+                log.info("figure: %s", p)
+            return paths
+
+        @task(task_id="verdict", trigger_rule=TriggerRule.ALL_DONE)
+        def verdict(planned: list[dict[str, Any]]) -> dict[str, int]:
+            if get_current_context()["params"].get("dry_run"):
+                log.info("dry run: %d job script(s) rendered, nothing submitted", len(planned))
+                return {"rendered": len(planned)}
+            counts = runner_for(src).outcomes_of(planned)
+            log.info("outcomes of the %d planned cell repeat(s): %s", len(planned), counts)
+            bad = {k: v for k, v in counts.items() if k not in ("ok", "oom")}
+            if bad:
+                raise AirflowFailException(f"some cells produced no result: {bad}; see their task groups")
+            return counts
+
+        items = plan()
+        install() >> prepare_dataset() >> items
+        cells = cell.expand(item=items)
+        agg = aggregate()
+        cells >> agg
+        viz = visualize(agg)  # type: ignore[arg-type]
+        viz >> verdict(items)  # type: ignore[arg-type]
+    return dag

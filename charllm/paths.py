@@ -1,0 +1,27 @@
+"""Where things live: the repo's include/ folder and the local results home."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_PKG_ROOT = Path(__file__).resolve().parent.parent
+
+
+def include_dir() -> Path:
+    """Campaigns, cluster profiles and templates (``CHARLLM_INCLUDE`` overrides)."""
+    return Path(os.environ.get("CHARLLM_INCLUDE", _PKG_ROOT / "include"))
+
+
+def campaigns_dir() -> Path:
+    return include_dir() / "campaigns"
+
+
+def home() -> Path:
+    """Local results home: catalog, results, tables, figures (``CHARLLM_HOME``)."""
+    return Path(os.environ.get("CHARLLM_HOME", _PKG_ROOT / "var")).resolve()
+
+
+def catalog_url() -> str:
+    """SQLAlchemy URL of the results catalog (``CHARLLM_CATALOG_URL``; SQLite by default)."""
+    return os.environ.get("CHARLLM_CATALOG_URL") or f"sqlite:///{home() / 'catalog.db'}"

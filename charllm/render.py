@@ -1,0 +1,79 @@
+"""Render job scripts (sbatch) from the templates in ``include/templates``.
+
+Rendering is separate from submitting: a dry run writes the scripts and stops. Every
+free-text value goes through the ``q`` filter (shlex.quote); names were already checked
+against a safe alphabet by the campaign models.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jinja2
+
+from charllm.backends.base import JobIdentity, JobSpec
+from charllm.campaign import Cell, ClusterProfile
+from charllm.paths import include_dir
+from charllm.shell import q
+
+
+def _env() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(include_dir() / "templates")),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters["q"] = q
+    return env
+
+
+def default_python(cluster: ClusterProfile) -> str:
+    """The training environment's interpreter on the cluster (this one for local runs)."""
+    if cluster.env_dir:
+        return f"{cluster.env_dir.rstrip('/')}/bin/python"
+    return sys.executable
+
+
+def shell_path(path: str) -> str:
+    """A path as one shell word; a relative path is taken from the user's home (``$HOME``)."""
+    if path.startswith("/"):
+        return q(path)
+    return '"$HOME"/' + q(path.removeprefix("~/"))
+
+
+def render_script(cell: Cell, cluster: ClusterProfile, ident: JobIdentity, python: str | None = None) -> str:
+    tasks_per_node = cell.world_size if cell.nodes == 1 else cluster.gpus_per_node
+    gres = cluster.gres_per_node
+    if gres is None and cluster.gpu_type != "cpu":
+        gres = f"gpu:{min(cell.world_size, cluster.gpus_per_node)}"
+    launcher = cluster.launcher
+    if launcher == "torchrun" and cell.world_size == 1:
+        launcher = "python"
+    return _env().get_template("job.sbatch.j2").render(
+        cell=cell,
+        cluster=cluster,
+        ident=ident,
+        env=cluster.env,
+        gres=gres,
+        tasks_per_node=tasks_per_node if launcher == "srun" else (1 if cell.nodes > 1 else tasks_per_node),
+        launcher=launcher,
+        python_sh=shell_path(python or default_python(cluster)),
+    )
+
+
+def job_spec(cell: Cell, cluster: ClusterProfile, ident: JobIdentity, python: str | None = None) -> JobSpec:
+    script = render_script(cell, cluster, ident, python)
+    cell_json = json.dumps(cell.job_config(ident.repeat), indent=2, sort_keys=True)
+    return JobSpec(identity=ident, script=script, files={"cell.json": cell_json + "\n"})
+
+
+def write_dry_run(spec: JobSpec, dest: Path) -> Path:
+    """Write a job's script and files into ``dest`` (dry run); returns the script path."""
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "job.sbatch").write_text(spec.script)
+    for name, text in spec.files.items():
+        (dest / name).write_text(text)
+    return dest / "job.sbatch"

@@ -1,0 +1,147 @@
+"""The local results store: one directory per cell attempt, written atomically.
+
+Layout under ``home()/results``::
+
+    cells/<cell_id>/r<repeat>/a<attempt>/   manifest.json, job.sbatch, cell.json,
+                                            stdout.log, stderr.log, out/...
+
+A cell's results live under its content hash, not under a campaign, so a cell shared
+by two campaigns is stored once. An attempt directory is filled under a temporary name
+and renamed into place, so a crash never leaves half a result where a reader looks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import socket
+import sys
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from charllm import __version__
+from charllm.backends.base import OUTPUT_DIR, JobIdentity
+from charllm.errors import ResultError
+
+OUTCOMES = ("ok", "oom", "failed", "timeout", "cancelled", "lost")
+RESULT_FILE = "result.json"
+MANIFEST = "manifest.json"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def attempt_dir(home: Path, ident: JobIdentity) -> Path:
+    return home / "results" / "cells" / ident.cell_id / f"r{ident.repeat}" / f"a{ident.attempt}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_result(job_dir: Path) -> dict[str, Any]:
+    """The job's own ``out/result.json``, checked for shape."""
+    path = job_dir / OUTPUT_DIR / RESULT_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise ResultError(f"job wrote no {OUTPUT_DIR}/{RESULT_FILE}") from err
+    except (OSError, ValueError) as err:
+        raise ResultError(f"{OUTPUT_DIR}/{RESULT_FILE} is unreadable: {err}") from err
+    if not isinstance(data, dict) or data.get("outcome") not in OUTCOMES:
+        raise ResultError(f"{OUTPUT_DIR}/{RESULT_FILE} has no valid 'outcome' (got {str(data)[:200]!r})")
+    if data["outcome"] == "ok":
+        metrics = data.get("metrics")
+        if not isinstance(metrics, dict) or not metrics:
+            raise ResultError(f"{OUTPUT_DIR}/{RESULT_FILE} says ok but carries no metrics")
+        if not (job_dir / OUTPUT_DIR / "steps.csv").is_file():
+            raise ResultError(f"{OUTPUT_DIR}/steps.csv is missing for an ok result")
+    return data
+
+
+def file_index(root: Path) -> dict[str, dict[str, Any]]:
+    """Relative path -> size and sha256 of every file below ``root``."""
+    index: dict[str, dict[str, Any]] = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            index[str(p.relative_to(root))] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    return index
+
+
+def verify(directory: Path) -> dict[str, Any]:
+    """Re-check a committed attempt against its manifest; returns the manifest."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError) as err:
+        raise ResultError(f"{directory}: manifest missing or unreadable: {err}") from err
+    for rel, meta in manifest.get("files", {}).items():
+        p = directory / rel
+        if not p.is_file() or p.stat().st_size != meta["bytes"]:
+            raise ResultError(f"{directory}: {rel} is missing or has the wrong size")
+    return manifest
+
+
+def commit_attempt(
+    home: Path,
+    ident: JobIdentity,
+    fetch: Callable[[Path], None],
+    manifest_fields: dict[str, Any],
+    classify: Callable[[Path], tuple[str, dict[str, Any] | None, str]],
+) -> tuple[Path, dict[str, Any]]:
+    """Fetch a job's files into a temporary directory, validate, write the manifest, rename.
+
+    ``classify(tmpdir) -> (outcome, result_or_None, message)`` decides the outcome from
+    the fetched files. Returns the final directory and its manifest. If the attempt was
+    committed before (a retried collect), the existing one is returned untouched.
+    """
+    final = attempt_dir(home, ident)
+    if (final / MANIFEST).is_file():
+        return final, verify(final)
+    staging = home / "results" / ".staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    tmp = staging / f"{ident.cell_id}.r{ident.repeat}.a{ident.attempt}.{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        fetch(tmp)
+        outcome, result, message = classify(tmp)
+        manifest = {
+            "schema": 1,
+            **manifest_fields,
+            "identity": ident.as_dict(),
+            "outcome": outcome,
+            "message": message,
+            "metrics": (result or {}).get("metrics", {}),
+            "collected_at": now_iso(),
+            "collector": {
+                "host": socket.gethostname(),
+                "charllm": __version__,
+                "python": sys.version.split()[0],
+                "platform": platform.platform(),
+            },
+            "files": file_index(tmp),
+        }
+        tmp_manifest = tmp / (MANIFEST + ".tmp")
+        tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        os.replace(tmp_manifest, tmp / MANIFEST)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if (final / MANIFEST).is_file():  # a concurrent collect won the race
+                return final, verify(final)
+            raise
+        return final, manifest
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,299 @@
+"""The PyTorch-native engine: one optimizer step per :meth:`TorchEngine.step`.
+
+Layout. Ranks form a (pp, dp, tp) device mesh, tp innermost (tensor parallelism within a
+node), pp outermost. The model is built on the meta device, parallelised, then materialised
+with ``to_empty`` and initialised, so no rank ever holds more than its shard:
+
+- TP: ``parallelize_module`` per block, Q/K/V and MLP-in colwise, attention-out and
+  MLP-out rowwise (Megatron's split). Embeddings, norms and the output layer are replicated.
+- FSDP (``parallel.fsdp``): FSDP2 ``fully_shard`` per block and on the root over the dp
+  dimension (2-D with TP); bf16 parameters for compute, fp32 gradient reduction.
+- DDP (dp > 1, no fsdp, tp = pp = 1, ``opt.overlap``): ``DistributedDataParallel``, whose
+  bucketed all-reduce overlaps backward. Without ``opt.overlap`` (PPT's base code 00000,
+  Megatron's default) and with TP/PP, gradients are all-reduced over dp after backward in
+  flat buckets, not overlapped.
+- PP: ``torch.distributed.pipelining`` with a ``PipelineStage`` per rank and a GPipe or
+  1F1B schedule whose micro batches are the cell's gradient-accumulation micro batches.
+- ``opt.recompute``: full activation recompute of every block (``torch.utils.checkpoint``).
+- ``opt.compile``: ``torch.compile`` of each block in place (one graph, reused by all blocks).
+
+Gradient accumulation: ``global_batch / (micro_batch * dp)`` micro batches per step; gradient
+sync only after the last. bf16 runs under autocast with fp32 master weights; AdamW is fused
+on GPU. Context and expert parallelism are not implemented here (clear error).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from charllm.train.cell import CellSpec
+from charllm.train.data import SyntheticTokens
+from charllm.train.dist import DistEnv
+from charllm.train.errors import EngineUnavailableError
+from charllm.train.model import Transformer, is_gated, loss_fn, split_layers
+
+
+def tp_plan(model: Transformer) -> dict[str, Any]:
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    shape = model.shape
+    plan: dict[str, Any] = {
+        "attn.wq": ColwiseParallel(),
+        "attn.wk": ColwiseParallel(),
+        "attn.wv": ColwiseParallel(),
+        "attn.wo": RowwiseParallel(),
+    }
+    if shape.num_experts:
+        for e in range(shape.num_experts):
+            plan[f"ff.experts.{e}.w1"] = ColwiseParallel()
+            plan[f"ff.experts.{e}.w3"] = ColwiseParallel()
+            plan[f"ff.experts.{e}.w2"] = RowwiseParallel()
+    elif is_gated(shape):
+        plan.update({"ff.w1": ColwiseParallel(), "ff.w3": ColwiseParallel(), "ff.w2": RowwiseParallel()})
+    else:
+        plan.update({"ff.fc1": ColwiseParallel(), "ff.fc2": RowwiseParallel()})
+    return plan
+
+
+def allreduce_grads(params: list[nn.Parameter], group: Any, group_size: int, bucket_bytes: int = 64 << 20) -> None:
+    """Average gradients over ``group`` in flat buckets (after backward, not overlapped)."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads: list[torch.Tensor] = []
+    for p in params:
+        if p.grad is None:
+            continue
+        g = p.grad
+        grads.append(g.to_local() if hasattr(g, "to_local") else g)  # DTensor: this rank's shard
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for tensors in by_dtype.values():
+        buckets: list[list[torch.Tensor]] = [[]]
+        size = 0
+        for g in tensors:
+            if size >= bucket_bytes:
+                buckets.append([])
+                size = 0
+            buckets[-1].append(g)
+            size += g.numel() * g.element_size()
+        for bucket in buckets:
+            flat = _flatten_dense_tensors(bucket)
+            dist.all_reduce(flat, group=group)
+            flat.div_(group_size)
+            for dst, src in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
+                dst.copy_(src)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+class TorchEngine:
+    """Builds the model, optimizer and data of one rank and runs optimizer steps."""
+
+    def __init__(self, cell: CellSpec, denv: DistEnv, device: torch.device) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        p = cell.parallel
+        if p.cp > 1:
+            raise EngineUnavailableError("context parallelism (cp > 1) is not implemented in the torch engine")
+        if p.ep > 1:
+            raise EngineUnavailableError(
+                "expert parallelism (ep > 1) is not implemented in the torch engine: "
+                "experts are replicated across dp ranks (use ep = 1)"
+            )
+        if cell.dataset.kind != "synthetic":
+            raise EngineUnavailableError(f"dataset kind {cell.dataset.kind!r} is not supported")
+        self.cell, self.denv, self.device = cell, denv, device
+        self.accum = cell.grad_accum
+        self.mesh = init_device_mesh(device.type, (p.pp, p.dp, p.tp), mesh_dim_names=("pp", "dp", "tp"))
+        self.pp_rank = self.mesh.get_local_rank("pp")
+        self.dp_rank = self.mesh.get_local_rank("dp")
+        self.tp_rank = self.mesh.get_local_rank("tp")
+        self.first = self.pp_rank == 0
+        self.last = self.pp_rank == p.pp - 1
+        autocast = torch.bfloat16 if cell.precision == "bf16" else None
+        layers = split_layers(cell.model.n_layers, p.pp)[self.pp_rank]
+
+        with torch.device("meta"):
+            model = Transformer(
+                cell.model,
+                cell.seq_len,
+                layers,
+                first=self.first,
+                last=self.last,
+                recompute=cell.opt.recompute,
+                autocast_dtype=autocast,
+            )
+        if p.tp > 1:
+            from torch.distributed.tensor.parallel import parallelize_module
+
+            plan = tp_plan(model)
+            for block in model.layers.values():
+                parallelize_module(block, self.mesh["tp"], plan)
+        self.loss_fn: Any = loss_fn
+        if cell.opt.compile:
+            for block in model.layers.values():
+                block.compile(mode=cell.opt.compile_mode)
+            if cell.opt.compile_loss and self.last:
+                # fuses the float32 upcast of the logits with log-softmax and its backward
+                self.loss_fn = torch.compile(loss_fn)
+        if p.fsdp:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if autocast else None
+            kw: dict[str, Any] = {"mesh": self.mesh["dp"]}
+            if mp is not None:
+                kw["mp_policy"] = mp
+            # with pipelining, or when asked, keep params gathered across micro batches
+            reshard = p.pp == 1 and cell.opt.fsdp_reshard_after_forward
+            for block in model.layers.values():
+                fully_shard(block, reshard_after_forward=reshard, **kw)
+            fully_shard(model, reshard_after_forward=reshard, **kw)
+        model.to_empty(device=device)
+        model.init_weights(cell.seed)
+        model.train()
+        self.model: nn.Module = model
+        self.stage_model = model
+
+        self.grad_sync = "none"
+        if p.fsdp:
+            self.grad_sync = "fsdp2"
+        elif p.dp > 1 and p.tp == 1 and p.pp == 1 and cell.opt.overlap:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(
+                model,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                process_group=self.mesh["dp"].get_group(),
+                gradient_as_bucket_view=True,
+                bucket_cap_mb=cell.opt.ddp_bucket_mb,
+            )
+            self.grad_sync = "ddp-overlapped"
+        elif p.dp > 1:
+            self.grad_sync = "allreduce-after-backward"
+
+        params = [q for q in model.parameters() if q.requires_grad]
+        self.params = params
+        # Fused/foreach AdamW steps each group in one call, which must not mix DTensor (TP
+        # shards) with plain tensors (replicated norms, embeddings): one group per kind.
+        groups = []
+        for is_dt in (False, True):
+            for decay in (True, False):
+                ps = [q for q in params if _is_dtensor(q) == is_dt and (q.ndim >= 2) == decay]
+                if ps:
+                    groups.append({"params": ps, "weight_decay": cell.opt.weight_decay if decay else 0.0})
+        fused = device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(groups, lr=cell.opt.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+        self.optimizer_impl = "fused" if fused else "foreach"
+
+        self.data = SyntheticTokens(
+            cell.model.vocab_size, cell.seq_len, cell.micro_batch, cell.seed, self.dp_rank, device=device
+        )
+        self.schedule: Any = None
+        if p.pp > 1:
+            from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+            stage = PipelineStage(model, self.pp_rank, p.pp, device, group=self.mesh["pp"].get_group())
+            cls = ScheduleGPipe if cell.opt.pp_schedule == "gpipe" else Schedule1F1B
+            self.schedule = cls(stage, n_microbatches=self.accum, loss_fn=self.loss_fn)
+        # the rank whose loss is reported for its dp shard: last pipeline stage, tp rank 0
+        self.reports_loss = self.last and self.tp_rank == 0
+        self.n_params_local = sum(q.numel() for q in params)
+
+    # ---- one optimizer step -------------------------------------------------------------
+    def step(self, step: int) -> torch.Tensor:
+        """Run one optimizer step; returns this rank's mean micro-batch loss (0 if not a reporter)."""
+        loss = self._step_pipelined(step) if self.schedule is not None else self._step_flat(step)
+        if self.grad_sync == "allreduce-after-backward":
+            allreduce_grads(self.params, self.mesh["dp"].get_group(), self.cell.parallel.dp)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def _step_flat(self, step: int) -> torch.Tensor:
+        total = torch.zeros((), device=self.device)
+        for m in range(self.accum):
+            last = m == self.accum - 1
+            x, y = self.data.micro_batch(step * self.accum + m)
+            ctx: Any = contextlib.nullcontext()
+            if self.grad_sync == "ddp-overlapped" and not last:
+                ctx = self.model.no_sync()  # type: ignore[operator]
+            if self.grad_sync == "fsdp2":
+                self.model.set_requires_gradient_sync(last)  # type: ignore[operator]
+                if not self.cell.opt.fsdp_reshard_after_forward:
+                    self.model.set_reshard_after_backward(last)  # type: ignore[operator]
+            with ctx:
+                loss = self.loss_fn(self.model(x), y) / self.accum
+                loss.backward()
+            total += loss.detach()
+        return total
+
+    def _step_pipelined(self, step: int) -> torch.Tensor:
+        x, y = self.data.batch(step, self.accum)
+        losses: list[torch.Tensor] = []
+        if self.first:
+            self.schedule.step(x)
+        elif self.last:
+            self.schedule.step(target=y, losses=losses)
+        else:
+            self.schedule.step()
+        if self.last and losses:
+            return torch.stack([t.detach().float() for t in losses]).mean()
+        return torch.zeros((), device=self.device)
+
+    # ---- per-step bookkeeping shared by all ranks ----------------------------------------
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def reduce_step_stats(
+        self, loss: torch.Tensor, step_time_s: float, temp_slope: float
+    ) -> tuple[float, float, float]:
+        """(mean loss over dp shards, max step time over ranks, max |temp slope| over GPUs).
+
+        Every rank gets the same three numbers, so warm-up decisions agree without a broadcast.
+        A NaN slope (no telemetry) travels as -1.
+        """
+        rep = 1.0 if self.reports_loss else 0.0
+        a = torch.stack([loss.float() * rep, torch.tensor(rep, device=self.device)])
+        dist.all_reduce(a, op=dist.ReduceOp.SUM)
+        slope = -1.0 if temp_slope != temp_slope else min(abs(temp_slope), 1e30)
+        b = torch.tensor([step_time_s, slope], device=self.device, dtype=torch.float64)
+        dist.all_reduce(b, op=dist.ReduceOp.MAX)
+        la, lb = a.tolist(), b.tolist()
+        mean_loss = la[0] / la[1] if la[1] else float("nan")
+        return mean_loss, lb[0], (float("nan") if lb[1] < 0 else lb[1])
+
+    def describe(self) -> dict[str, Any]:
+        p = self.cell.parallel
+        return {
+            "engine": "torch",
+            "mesh": {"pp": p.pp, "dp": p.dp, "tp": p.tp},
+            "coords": {"pp": self.pp_rank, "dp": self.dp_rank, "tp": self.tp_rank},
+            "grad_sync": self.grad_sync,
+            "grad_accum": self.accum,
+            "pp_schedule": type(self.schedule).__name__ if self.schedule is not None else None,
+            "optimizer": f"AdamW ({self.optimizer_impl})",
+            "autocast": self.cell.precision if self.device.type == "cuda" or self.cell.precision == "bf16" else None,
+            "compile": (
+                f"blocks ({self.cell.opt.compile_mode})" + (" + loss" if self.cell.opt.compile_loss else "")
+                if self.cell.opt.compile
+                else False
+            ),
+            "recompute": "full (every block)" if self.cell.opt.recompute else "none",
+            "params_local": self.n_params_local,
+        }
+
+    @property
+    def profiles(self) -> bool:
+        """One rank per pipeline stage writes a kernel breakdown: dp rank 0, tp rank 0."""
+        return self.dp_rank == 0 and self.tp_rank == 0

@@ -1,0 +1,61 @@
+"""Model FLOPs per token, peak rates per GPU type, and MFU/HFU.
+
+Per trained token (forward + backward = 3 x forward), after Megatron/PaLM:
+
+    model_flops_per_token = 6 * N_active + 12 * L * h * s
+
+N_active counts the matrices every token goes through: the attention and MLP weights of
+each layer (for MoE only ``top_k`` experts, plus the router) and the output layer
+(``vocab x hidden``); the embedding lookups do no multiplication. 12*L*h*s is the attention
+score and value products (2 matmuls of 2*s*h FLOPs per token forward, x3), not halved for the
+causal mask. Hardware FLOPs with full activation recompute add one more forward:
+8 * N_active + 16 * L * h * s.
+"""
+
+from __future__ import annotations
+
+from charllm.modelcat import ModelShape
+
+# Dense peak per GPU, FLOP/s, from the vendor datasheets (SXM parts). fp32 cells run plain
+# fp32 matmuls (TF32 off), so their peak is the non-tensor-core fp32 rate.
+PEAK_FLOPS: dict[tuple[str, str], float] = {
+    ("h100", "bf16"): 989e12,
+    ("h200", "bf16"): 989e12,
+    ("h100", "fp32"): 67e12,
+    ("h200", "fp32"): 67e12,
+    ("a100", "bf16"): 312e12,
+    ("a100", "fp32"): 19.5e12,
+}
+
+
+def active_matmul_params(shape: ModelShape) -> int:
+    """Weights a token is multiplied with (embedding lookups excluded, output layer included)."""
+    h, f = shape.hidden, shape.ffn_hidden
+    kv = shape.kv_heads * shape.head_dim
+    attn = 2 * h * h + 2 * h * kv
+    gated = shape.family in ("llama3", "mixtral")
+    mlp = (3 if gated else 2) * h * f
+    if shape.num_experts:
+        mlp = mlp * shape.top_k + h * shape.num_experts
+    return shape.n_layers * attn + shape.n_layers * mlp + shape.vocab_size * h
+
+
+def model_flops_per_token(shape: ModelShape, seq_len: int) -> float:
+    return 6.0 * active_matmul_params(shape) + 12.0 * shape.n_layers * shape.hidden * seq_len
+
+
+def hardware_flops_per_token(shape: ModelShape, seq_len: int, recompute: bool) -> float:
+    if not recompute:
+        return model_flops_per_token(shape, seq_len)
+    return 8.0 * active_matmul_params(shape) + 16.0 * shape.n_layers * shape.hidden * seq_len
+
+
+def peak_flops(gpu_type: str, precision: str) -> float | None:
+    return PEAK_FLOPS.get((gpu_type, precision))
+
+
+def utilisation(flops_per_token: float, tokens_per_s: float, n_gpus: int, peak: float | None) -> float | None:
+    """Achieved over peak FLOP/s across ``n_gpus`` (None where no peak is known, e.g. CPU)."""
+    if not peak or n_gpus < 1:
+        return None
+    return flops_per_token * tokens_per_s / (n_gpus * peak)

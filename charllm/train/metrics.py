@@ -1,0 +1,135 @@
+"""Numbers of result.json from step records and telemetry summaries (pure, no torch).
+
+Definitions (units in the names):
+
+- step_time_{median,p10,p90}_s over the measured steps; each step's duration runs from the
+  end of the previous step to the end of this one, so the durations tile the window that
+  the energy is integrated over.
+- tokens_per_s = global_batch * seq_len / step_time_median_s; per GPU: / world size.
+- samples_per_s = global_batch / step_time_median_s.
+- mfu = model_flops_per_token * tokens_per_s / (world * peak); hfu likewise with hardware
+  FLOPs (only when recomputing). See :mod:`charllm.train.flops` for the formula.
+- energy_j: energy of all GPUs over the measured window, from the sampled board power
+  ``power_w`` (trapezoid). NVML's board power covers the HBM as well; memory power is also
+  reported on its own (``energy_mem_j``), not added again. energy_per_step_j = energy_j /
+  measured steps; energy_per_token_j = energy_j / measured tokens.
+- samples_per_s_per_mj = samples per step / (step_time_median_s * energy_per_step_j / 1e6)
+  (PPT's efficiency: samples / (s * MJ)).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from charllm.modelcat import ModelShape
+from charllm.train.flops import hardware_flops_per_token, model_flops_per_token, peak_flops, utilisation
+
+STEP_COLUMNS = ("step", "phase", "start_unix_s", "end_unix_s", "duration_s", "loss", "tokens")
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    step: int
+    phase: str  # warmup | measure
+    start_unix_s: float
+    end_unix_s: float
+    loss: float
+    tokens: int
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_unix_s - self.start_unix_s
+
+
+def steps_csv(records: Sequence[StepRecord]) -> str:
+    lines = [",".join(STEP_COLUMNS)]
+    for r in records:
+        lines.append(
+            f"{r.step},{r.phase},{r.start_unix_s:.6f},{r.end_unix_s:.6f},{r.duration_s:.6f},{r.loss:.6f},{r.tokens}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def measure_window(records: Sequence[StepRecord]) -> tuple[float, float]:
+    meas = [r for r in records if r.phase == "measure"]
+    if not meas:
+        raise ValueError("no measured steps")
+    return meas[0].start_unix_s, meas[-1].end_unix_s
+
+
+def step_metrics(
+    records: Sequence[StepRecord],
+    *,
+    shape: ModelShape,
+    seq_len: int,
+    global_batch: int,
+    world_size: int,
+    gpu_type: str,
+    precision: str,
+    recompute: bool,
+) -> dict[str, float]:
+    meas = [r for r in records if r.phase == "measure"]
+    if not meas:
+        raise ValueError("no measured steps")
+    d = np.array([r.duration_s for r in meas], float)
+    med = float(np.median(d))
+    tokens_per_step = global_batch * seq_len
+    out: dict[str, float] = {
+        "measured_steps": float(len(meas)),
+        "warmup_steps": float(sum(1 for r in records if r.phase == "warmup")),
+        "step_time_median_s": med,
+        "step_time_mean_s": float(d.mean()),
+        "step_time_p10_s": float(np.percentile(d, 10)),
+        "step_time_p90_s": float(np.percentile(d, 90)),
+        "tokens_per_step": float(tokens_per_step),
+        "tokens_per_s": tokens_per_step / med,
+        "tokens_per_s_per_gpu": tokens_per_step / med / world_size,
+        "samples_per_s": global_batch / med,
+        "loss_first": records[0].loss,
+        "loss_last": records[-1].loss,
+        "model_flops_per_token": model_flops_per_token(shape, seq_len),
+    }
+    peak = peak_flops(gpu_type, precision)
+    mfu = utilisation(out["model_flops_per_token"], out["tokens_per_s"], world_size, peak)
+    if mfu is not None:
+        out["mfu"] = mfu
+        out["peak_flops_per_gpu"] = float(peak or 0.0)
+    if recompute:
+        hf = hardware_flops_per_token(shape, seq_len, recompute=True)
+        out["hardware_flops_per_token"] = hf
+        hfu = utilisation(hf, out["tokens_per_s"], world_size, peak)
+        if hfu is not None:
+            out["hfu"] = hfu
+    return out
+
+
+def energy_metrics(
+    telemetry: Mapping[str, float], *, measured_steps: int, global_batch: int, seq_len: int, step_time_median_s: float
+) -> dict[str, float]:
+    """Per-step/per-token energy and efficiency from :func:`charllm.telemetry.combine` output."""
+    e = telemetry.get("energy_gpu_j", math.nan)
+    out: dict[str, float] = {}
+    if e != e or measured_steps < 1:
+        return out
+    out["energy_j"] = e
+    out["energy_per_step_j"] = e / measured_steps
+    out["energy_per_token_j"] = e / (measured_steps * global_batch * seq_len)
+    out["samples_per_s_per_mj"] = global_batch / (step_time_median_s * out["energy_per_step_j"] / 1e6)
+    c = telemetry.get("energy_counter_j", math.nan)
+    if c == c and e > 0:
+        out["energy_counter_over_sampled"] = c / e
+    return out
+
+
+def flat_numbers(d: Mapping[str, Any]) -> dict[str, float]:
+    """Keep the finite numbers of ``d`` (result.json metrics are flat name -> number)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, bool) or (isinstance(v, (int, float)) and math.isfinite(v)):
+            out[k] = float(v)
+    return out

@@ -1,0 +1,182 @@
+"""Figures of the replayed campaign: every one is drawn, and the numbers each one shows are checked."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from charllm.analysis.figures import cell_summary, draw_all, pareto_front
+from charllm.catalog import Catalog
+from charllm.runner import CampaignRunner
+
+from .conftest import DRIFT_CELL, RENAMED_HOST
+
+FSDP = "gpt3-1.3b-tp1pp1dp2-fsdp-mb8-gb64-s2048-01000"
+OOM = "gpt3-1.3b-tp1pp1dp1-mb32-gb32-s2048-01000"
+STEMS = (
+    "throughput",
+    "loss",
+    "fig4_parallelism",
+    "fig8_optimisations",
+    "fig13_microbatch",
+    "heatmap_temperature",
+    "heatmap_links",
+    "fig15_kernels",
+    "pareto",
+    "drift",
+)
+
+
+@pytest.fixture(scope="module")
+def drawn(replay_module, tmp_path_factory):
+    rp, info = replay_module
+    cells = pd.read_parquet(info["cells_table"])
+    steps = pd.read_parquet(info["steps_table"])
+    out = tmp_path_factory.mktemp("figs")
+    # the runner's call: no per-GPU table, references or schedule passed; all found from the tables/campaign
+    paths = draw_all(cells, steps, out, "replay")
+    return rp, info, out, paths
+
+
+def _csv(out, stem):
+    return pd.read_csv(out / f"{stem}.csv")
+
+
+def test_every_figure_is_drawn_as_png_pdf_and_data(drawn):
+    _, _, out, paths = drawn
+    names = {p.name for p in paths}
+    for stem in STEMS:
+        for ext in ("png", "pdf", "csv"):
+            assert f"{stem}.{ext}" in names, f"{stem}.{ext}"
+        assert (out / f"{stem}.png").read_bytes()[:4] == b"\x89PNG" and (out / f"{stem}.png").stat().st_size > 5000
+        assert (out / f"{stem}.pdf").read_bytes()[:4] == b"%PDF"
+    assert out / "report.md" in paths
+    assert all(p.parent == out for p in paths)
+
+
+def test_heatmap_has_one_column_per_gpu_labelled_host_slot(drawn):
+    rp, info, out, _ = drawn
+    h = _csv(out, "heatmap_temperature")
+    assert sorted(h["gpu"].unique()) == [f"{RENAMED_HOST}:0", f"{RENAMED_HOST}:1", "vm:0"]
+    assert h["cell_name"].nunique() == len(rp.lc.cells)  # one row per cell, the OOM one included
+    gpus = pd.read_parquet(info["gpus_table"])
+    fsdp = rp.cell(FSDP).cell_id
+    for slot in (0, 1):
+        v = h[(h["cell_name"] == FSDP) & (h["gpu"] == f"{RENAMED_HOST}:{slot}") & (h["metric"] == "peak_gpu_temp_c")]
+        want = gpus[(gpus["cell_id"] == fsdp) & (gpus["gpu_index"] == slot)]["peak_gpu_temp_c"].iloc[0]
+        assert v["value"].iloc[0] == want
+    assert h[(h["cell_name"] == FSDP) & (h["gpu"] == "vm:0")]["value"].isna().all()  # not a GPU of that cell
+    assert (h[h["cell_name"] == OOM]["outcome"] == "oom").all()
+    links = _csv(out, "heatmap_links")
+    nv = links[(links["cell_name"] == FSDP) & (links["metric"] == "nvlink_gb")].set_index("gpu")["value"]
+    g = gpus[gpus["cell_id"] == fsdp].set_index("gpu_index")
+    assert nv[f"{RENAMED_HOST}:1"] == pytest.approx((g.loc[1, "nvlink_tx_bytes"] + g.loc[1, "nvlink_rx_bytes"]) / 1e9)
+    assert links[(links["gpu"] == "vm:0") & (links["metric"] == "nvlink_gb")]["value"].isna().all()  # H100 PCIe box
+
+
+def test_oom_cells_are_marked_not_dropped(drawn):
+    _, _, out, _ = drawn
+    for stem in ("fig4_parallelism", "fig13_microbatch"):
+        d = _csv(out, stem)
+        oom = d[d["cell_name"] == OOM]
+        assert len(oom) == 6 and (oom["outcome"] == "oom").all() and oom["value"].isna().all(), stem
+    tp = _csv(out, "throughput").set_index("cell_name")
+    assert tp.loc[OOM, "outcome"] == "oom"
+    assert _csv(out, "pareto").set_index("cell_name").loc[OOM, "outcome"] == "oom"
+
+
+def test_panel_values(drawn):
+    rp, info, out, _ = drawn
+    cells = pd.read_parquet(info["cells_table"])
+    f4 = _csv(out, "fig4_parallelism")
+    assert set(f4["cell_name"]) == {c.name for c in rp.lc.cells if c.opt_code == "01000"}
+    fsdp_row = cells[cells["cell_name"] == FSDP].iloc[0]
+    v = f4[(f4["cell_name"] == FSDP)].set_index("metric")["value"]
+    for m in ("avg_gpu_temp_c", "peak_power_w", "efficiency_samples_per_s_mj"):
+        assert v[m] == pytest.approx(fsdp_row[m])
+    f8 = _csv(out, "fig8_optimisations")
+    assert sorted(f8["series"].astype(str).str.zfill(5).unique()) == ["00000", "01000", "10000", "11000"]
+    f13 = _csv(out, "fig13_microbatch")
+    eff = f13[f13["metric"] == "efficiency_samples_per_s_mj"].set_index("series")["value"]
+    assert eff[8] == 1.0 and eff[16] == pytest.approx(1.0) and math.isnan(eff[32])  # normalised to mbs 8
+    k = _csv(out, "fig15_kernels")
+    sums = k.groupby(["cell_name", "rank"])["fraction"].sum()
+    assert np.allclose(sums, 1.0) and len(sums) == 6  # 1.3b x 4 codes + mb16, 125m; rank 0
+    mm = k[(k["cell_name"] == DRIFT_CELL) & (k["category"] == "matmul")]["fraction"].iloc[0]
+    assert mm == pytest.approx(2.088125 / (2.088125 + 0.319574 + 0.913048), rel=1e-5)
+
+
+def test_pareto_front_per_workload(drawn):
+    _, _, out, _ = drawn
+    p = _csv(out, "pareto")
+    ok = p[p["outcome"] == "ok"]
+    assert ok.groupby("workload")["on_front"].any().all()  # every workload has a front
+    assert set(ok["workload"]) == {"gpt3-1.3b gb32 s2048", "gpt3-1.3b gb64 s2048", "gpt3-125m gb16 s1024"}
+    x = np.array([1.0, 2.0, 3.0, 2.5, 1.0])
+    y = np.array([5.0, 3.0, 1.0, 3.5, 6.0])
+    assert list(pareto_front(x, y)) == [True, True, True, False, False]
+
+
+def test_drift_chart_has_a_point_per_night(drawn):
+    _, _, out, _ = drawn
+    d = _csv(out, "drift")
+    nights = d[d["cell_name"] == DRIFT_CELL]["night"].tolist()
+    assert nights == ["2026-03-01", "2026-03-02", "2026-03-03"]
+
+
+def test_only_supported_figures_are_drawn(replay_module, tmp_path):
+    _, info = replay_module
+    cells = pd.read_parquet(info["cells_table"])
+    one = cells[cells["cell_name"].isin([FSDP, OOM])]
+    paths = draw_all(
+        one,
+        pd.DataFrame(),
+        tmp_path,
+        "replay",
+        gpus=pd.DataFrame(),
+        kernels=pd.DataFrame(),
+        references=[],
+        schedule=None,
+    )
+    stems = {p.stem for p in paths}
+    assert stems == {"throughput", "loss", "fig4_parallelism", "pareto", "report"}
+    assert cell_summary(one)["outcome"].tolist() == ["ok", "oom"]
+
+
+def test_runner_aggregate_and_visualize(replay_module):
+    """The DAG's aggregate and visualize tasks (runner.aggregate()/visualize()) draw everything."""
+    rp, _ = replay_module
+    runner = CampaignRunner(rp.lc, catalog=Catalog(rp.catalog.url), home=rp.home)
+    info = runner.aggregate()
+    assert info["reused_attempts"] == 10 and info["read_attempts"] == 0
+    paths = runner.visualize("manual__2026-03-03T02:00:00")
+    stems = {p.rsplit("/", 1)[1] for p in paths}
+    assert {"heatmap_temperature.png", "fig15_kernels.png", "report.md"} <= stems
+    report = next(p for p in paths if p.endswith("report.md"))
+    assert "VIOLATED" in Path(report).read_text()
+
+
+def test_cells_without_telemetry_draw_without_energy_figures(replay_module, tmp_path):
+    """CPU cells (the demo) have no power samples: no Pareto plot, the rest still drawn."""
+    _, info = replay_module
+    cells = pd.read_parquet(info["cells_table"])
+    cpu = cells.drop(columns=[c for c in cells.columns if "energy" in c or "efficiency" in c or "temp" in c])
+    paths = draw_all(
+        cpu,
+        pd.DataFrame(),
+        tmp_path,
+        "replay",
+        gpus=pd.DataFrame(),
+        kernels=pd.DataFrame(),
+        references=[],
+        schedule=None,
+    )
+    stems = {p.stem for p in paths}
+    assert "pareto" not in stems and {"fig4_parallelism", "fig8_optimisations", "fig13_microbatch", "drift"} <= stems
+    assert set(_csv(tmp_path, "drift")["metric"]) == {"tokens_per_s"}
+    f4 = _csv(tmp_path, "fig4_parallelism")
+    assert f4[f4["metric"] == "efficiency_samples_per_s_mj"]["value"].isna().all()

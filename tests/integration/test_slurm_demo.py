@@ -1,0 +1,70 @@
+"""The demo campaign end to end on the Slurm backend, through a real Airflow, over real SSH.
+
+The install stage builds the training environment on the cluster as a Slurm job (a venv
+with the pinned packages and charllm's source) and a second run skips it; the cells run as
+Slurm jobs; the task logs carry the Slurm job ids, nodes and the jobs' own output.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.slurm, pytest.mark.airflow]
+
+
+def _env(tmp: Path, cluster_env: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    af = tmp / "airflow-home"
+    af.mkdir(exist_ok=True)
+    env.update(cluster_env)
+    env.update(
+        AIRFLOW_HOME=str(af),
+        AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "dags"),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{af / 'airflow.db'}",
+        CHARLLM_HOME=str(tmp / "charllm-home"),
+        PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+    )
+    return env
+
+
+def _airflow(env: dict[str, str], *args: str) -> tuple[int, str]:
+    p = subprocess.run([str(Path(sys.executable).parent / "airflow"), *args], env=env, capture_output=True,
+                       text=True, timeout=1500)
+    return p.returncode, p.stdout + p.stderr
+
+
+def test_demo_campaign_on_slurm_through_airflow(tmp_path, dev_cluster):
+    env = _env(tmp_path, dev_cluster.env)
+    rc, log = _airflow(env, "db", "migrate")
+    assert rc == 0, log[-3000:]
+    rc, log = _airflow(env, "dags", "test", "charllm_demo_slurm")
+    assert rc == 0, log[-10000:]
+    assert "charllm: environment ready" in log or "was built by job" in log
+
+    from charllm.catalog import Catalog
+
+    home = Path(env["CHARLLM_HOME"])
+    attempts = Catalog(f"sqlite:///{home / 'catalog.db'}").attempts(campaign="demo_slurm")
+    assert len(attempts) == 4
+    assert {a.outcome for a in attempts} == {"ok"}, [(a.outcome, a.message) for a in attempts]
+    assert all(a.job_id and a.job_id.isdigit() for a in attempts)
+    # the job's own output, the node and the Slurm job id reached the task logs
+    assert "slurm job" in log and "nodes=" in log
+    import pandas as pd
+
+    cells = pd.read_parquet(home / "tables" / "demo_slurm" / "cells.parquet")
+    assert len(cells) == 4 and (cells["tokens_per_s"] > 0).all()
+    assert set(cells["nodes"]) == {dev_cluster.env.get("CHARLLM_SLURM_NODE", "charllm-node0")}
+
+    # a second run: the environment job is skipped and no cell is submitted again
+    rc, log2 = _airflow(env, "dags", "test", "charllm_demo_slurm")
+    assert rc == 0, log2[-8000:]
+    assert "skipped" in log2 and "0 cell repeat(s) to run" in log2
+    assert len(Catalog(f"sqlite:///{home / 'catalog.db'}").attempts(campaign="demo_slurm")) == 4

@@ -1,0 +1,118 @@
+"""The demo campaign end to end through a real Airflow (``airflow dags test``) on the local backend.
+
+Runs with Airflow's metadata in SQLite (the embedded default) and in PostgreSQL. Checks the
+catalog rows, the Parquet table's values and the figures, then that a second run finds
+every cell done and submits nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.airflow
+
+
+def _airflow_env(tmp: Path, db_url: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    af_home = tmp / "airflow-home"
+    af_home.mkdir(exist_ok=True)
+    env.update(
+        AIRFLOW_HOME=str(af_home),
+        AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "dags"),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=db_url or f"sqlite:///{af_home / 'airflow.db'}",
+        CHARLLM_HOME=str(tmp / "charllm-home"),
+        PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+    )
+    return env
+
+
+def _airflow(env: dict[str, str], *args: str, timeout: int = 900) -> subprocess.CompletedProcess[str]:
+    airflow = str(Path(sys.executable).parent / "airflow")
+    return subprocess.run([airflow, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _run_demo(tmp: Path, db_url: str | None) -> tuple[dict[str, str], str]:
+    env = _airflow_env(tmp, db_url)
+    mig = _airflow(env, "db", "migrate")
+    assert mig.returncode == 0, mig.stdout[-3000:] + mig.stderr[-3000:]
+    run = _airflow(env, "dags", "test", "charllm_demo")
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-8000:]
+    return env, log
+
+
+def _check_results(home: Path, log: str) -> None:
+    import pandas as pd
+
+    from charllm.catalog import Catalog
+
+    cat = Catalog(f"sqlite:///{home / 'catalog.db'}")
+    attempts = cat.attempts(campaign="demo")
+    assert len(attempts) == 6
+    assert {a.outcome for a in attempts} == {"ok"}
+    assert all(a.job_id and a.job_id.startswith("local-") for a in attempts)
+    assert all(Path(a.result_dir, "manifest.json").is_file() for a in attempts)
+
+    cells = pd.read_parquet(home / "tables" / "demo" / "cells.parquet")
+    assert len(cells) == 6 and set(cells["outcome"]) == {"ok"}
+    assert (cells["tokens_per_s"] > 0).all()
+    steps = pd.read_parquet(home / "tables" / "demo" / "steps.parquet")
+    for cid, g in steps.groupby("cell_id"):
+        losses = g.sort_values("step")["loss"].tolist()
+        assert all(math.isfinite(x) for x in losses), cid
+        assert losses[-1] < losses[0], f"loss did not fall for {cid}: {losses}"
+
+    figs = list((home / "figures" / "demo").rglob("*"))
+    names = {p.name for p in figs if p.is_file()}
+    assert {"throughput.png", "throughput.pdf", "loss.png", "loss.pdf"} <= names
+    assert "figure: " in log and "throughput.png" in log
+    # the task log shows the job's own output
+    assert "charllm: job on" in log
+
+
+def _rerun_submits_nothing(env: dict[str, str], home: Path) -> None:
+    from charllm.catalog import Catalog
+
+    before = len(Catalog(f"sqlite:///{home / 'catalog.db'}").attempts(campaign="demo"))
+    run = _airflow(env, "dags", "test", "charllm_demo")
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-8000:]
+    assert "0 cell repeat(s) to run" in log
+    after = len(Catalog(f"sqlite:///{home / 'catalog.db'}").attempts(campaign="demo"))
+    assert after == before
+    work = home / "work" / ".jobs"
+    assert len(list(work.iterdir())) == 6
+
+
+def test_demo_end_to_end_sqlite(tmp_path):
+    env, log = _run_demo(tmp_path, None)
+    home = Path(env["CHARLLM_HOME"])
+    _check_results(home, log)
+    _rerun_submits_nothing(env, home)
+
+
+@pytest.mark.postgres
+def test_demo_end_to_end_postgres_metadata(tmp_path, postgres_url):
+    env, log = _run_demo(tmp_path, postgres_url)
+    _check_results(Path(env["CHARLLM_HOME"]), log)
+
+
+def test_dry_run_with_cell_filter_renders_and_submits_nothing(tmp_path):
+    env = _airflow_env(tmp_path, None)
+    assert _airflow(env, "db", "migrate").returncode == 0
+    run = _airflow(env, "dags", "test", "charllm_demo", "--conf", '{"dry_run": true, "cells": "*dp1-mb2*"}')
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-8000:]
+    home = Path(env["CHARLLM_HOME"])
+    scripts = sorted(p.parent.name for p in (home / "dry-run" / "demo").rglob("job.sbatch"))
+    assert scripts == ["tiny-tp1pp1dp1-mb2-gb8-s64-00000-r0", "tiny-tp1pp1dp1-mb2-gb8-s64-01000-r0"]
+    assert not (home / "work" / ".jobs").exists()
+    assert "2 cell repeat(s) to run" in log

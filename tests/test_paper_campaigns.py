@@ -1,0 +1,125 @@
+"""The CharLLM-PPT campaign files: they validate, have the expected cells, and share cells by hash."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from charllm.campaign import dedupe, load_campaign
+from charllm.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+CAMPAIGNS = REPO / "include" / "campaigns"
+
+# campaign file -> (campaign name, cells, cluster)
+EXPECTED = {
+    "charllm-h200-opt.yaml": ("ppt_h200_opt", 60, "h200-4x8"),  # 15 layouts x 4 codes
+    "charllm-fig4-parallelism.yaml": ("ppt_fig4_parallelism", 15, "h200-4x8"),  # 15 layouts at 01000
+    "charllm-microbatch.yaml": ("ppt_microbatch", 59, "h200-4x8"),  # 15 layouts x 4 mbs - 1 impossible
+    "charllm-h100-opt.yaml": ("ppt_h100_opt", 64, "h100-8x8"),  # 16 layouts x 4 codes
+    "charllm-small.yaml": ("ppt_small", 8, "small-gpu"),
+}
+PAPER = ("charllm-h200-opt.yaml", "charllm-fig4-parallelism.yaml", "charllm-microbatch.yaml", "charllm-h100-opt.yaml")
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return {f: load_campaign(CAMPAIGNS / f) for f in EXPECTED}
+
+
+@pytest.mark.parametrize("fname", list(EXPECTED))
+def test_campaign_validates_with_expected_cells(loaded, fname):
+    lc = loaded[fname]
+    name, count, cluster = EXPECTED[fname]
+    assert (lc.name, len(lc.cells), lc.cluster.name) == (name, count, cluster)
+    assert len({c.cell_id for c in lc.cells}) == count
+    assert len({c.name for c in lc.cells}) == count  # names are unambiguous within a campaign
+    for c in lc.cells:
+        assert c.precision == "bf16"
+        assert c.world_size <= lc.cluster.total_gpus
+    dag = (REPO / "dags" / f"campaign_{fname.removesuffix('.yaml').replace('-', '_')}.py").read_text()
+    assert f'campaign_dag("{fname}")' in dag and "Airflow DAG" in dag
+
+
+def test_paper_axes(loaded):
+    seq = {"gpt3-175b": 2048, "llama3-70b": 8192, "mixtral-8x22b": 4096, "mixtral-8x7b": 4096}
+    for f in PAPER:
+        lc = loaded[f]
+        gpus = lc.cluster.total_gpus
+        for c in lc.cells:
+            assert c.global_batch == 128 and c.seq_len == seq[c.model["name"]]
+            assert c.opt["profile"] is True and c.engine == "megatron"
+            if c.parallel.fsdp:
+                assert (c.parallel.tp, c.parallel.pp, c.parallel.dp) == (8, 1, gpus // 8)
+            elif c.model["name"] == "llama3-70b" and gpus == 64:
+                assert c.parallel.tp * c.parallel.pp == 32  # TP8PP4 ... TP2PP16 with dp 2
+            else:
+                assert c.world_size == gpus
+    codes = {c.opt_code for c in loaded["charllm-h200-opt.yaml"].cells}
+    assert codes == {"00000", "10000", "01000", "11000"}
+    assert {c.opt_code for c in loaded["charllm-fig4-parallelism.yaml"].cells} == {"01000"}
+    mb = loaded["charllm-microbatch.yaml"]
+    assert {c.micro_batch for c in mb.cells} == {1, 2, 4, 8} and {c.opt_code for c in mb.cells} == {"01000"}
+    assert all(c.opt["recompute"] for c in mb.cells)
+    h200_layouts = {
+        (c.model["name"], c.parallel.tp, c.parallel.pp, c.parallel.ep, c.parallel.fsdp)
+        for c in loaded["charllm-h200-opt.yaml"].cells
+    }
+    assert len(h200_layouts) == 15
+    assert ("mixtral-8x7b", 2, 1, 4, False) in h200_layouts and ("gpt3-175b", 8, 1, 1, True) in h200_layouts
+
+
+def test_fig4_cells_are_the_h200_opt_cells_at_01000(loaded):
+    fig4 = {c.cell_id: c.name for c in loaded["charllm-fig4-parallelism.yaml"].cells}
+    opt = {c.cell_id: c.name for c in loaded["charllm-h200-opt.yaml"].cells if c.opt_code == "01000"}
+    assert fig4 == opt  # same ids and the same names
+    mb1 = {c.cell_id for c in loaded["charllm-microbatch.yaml"].cells if c.micro_batch == 1}
+    assert mb1 == set(fig4)
+
+
+def test_dedupe_across_paper_campaigns(loaded):
+    owners = dedupe([loaded[f] for f in PAPER])
+    assert len(owners) == 60 + 44 + 64  # H200 opt; micro batch 2/4/8; H100 (fig 4 adds nothing)
+    shared = {cid: names for cid, names in owners.items() if len(names) > 1}
+    assert len(shared) == 15
+    assert all(sorted(v) == ["ppt_fig4_parallelism", "ppt_h200_opt", "ppt_microbatch"] for v in shared.values())
+    # H100 and H200 cells never collide: the GPU type is part of the hash
+    h100 = {c.cell_id for c in loaded["charllm-h100-opt.yaml"].cells}
+    assert all(owners[c] == ["ppt_h100_opt"] for c in h100)
+
+
+@pytest.mark.parametrize(
+    ("fname", "entry", "why"),
+    [
+        # the cells the campaign files leave out, with the reason the checks give
+        (
+            "charllm-h100-opt.yaml",
+            {"model": "llama3-70b", "seq_len": 8192, "tp": 1, "pp": 32, "opt_code": "00000"},
+            "does not divide llama3-70b's 80 layers",
+        ),
+        (
+            "charllm-microbatch.yaml",
+            {"model": "mixtral-8x7b", "seq_len": 4096, "tp": 1, "pp": 1, "ep": 8, "micro_batch": 8},
+            "not divisible by micro_batch\\*dp = 8\\*32",
+        ),
+    ],
+)
+def test_dropped_cells_are_impossible(tmp_path, fname, entry, why):
+    data = yaml.safe_load((CAMPAIGNS / fname).read_text())
+    data["include"].append(entry)
+    p = tmp_path / "campaigns" / fname
+    p.parent.mkdir()
+    p.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=why):
+        load_campaign(p, clusters=REPO / "include" / "clusters")
+
+
+def test_small_campaign_fits_the_lent_machine(loaded):
+    lc = loaded["charllm-small.yaml"]
+    assert lc.campaign.backend == "local" and lc.cluster.total_gpus == 2 and lc.cluster.gpu_type == "h100"
+    assert {c.model["name"] for c in lc.cells} == {"gpt3-1.3b-L4", "llama3-8b-L2"}
+    assert {c.opt_code for c in lc.cells} == {"00000", "01000"}
+    assert {c.micro_batch for c in lc.cells if c.model["name"] == "gpt3-1.3b-L4"} == {1, 2, 4}
+    assert {(c.parallel.tp, c.parallel.dp) for c in lc.cells} == {(1, 2), (2, 1)}

@@ -1,0 +1,99 @@
+"""A cell's life without Airflow: submission is idempotent, failures stay in their own cell."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from charllm.backends.base import JobIdentity, JobSpec, JobState, JobStatus
+from charllm.catalog import Catalog
+from charllm.errors import JobFailedError
+from charllm.runner import CampaignRunner, judge
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(
+    ("state", "exit_code", "outcome", "retry", "fail", "no_retry"),
+    [
+        (JobState.COMPLETED, 0, "ok", False, False, False),
+        (JobState.OUT_OF_MEMORY, 0, "oom", False, False, False),
+        (JobState.FAILED, 42, "oom", False, False, False),
+        (JobState.FAILED, 1, "failed", False, True, False),
+        (JobState.TIMEOUT, 0, "timeout", False, True, True),
+        (JobState.CANCELLED, 0, "cancelled", False, True, True),
+        (JobState.NODE_FAIL, 0, "lost", True, False, False),
+        (JobState.PREEMPTED, 0, "lost", True, False, False),
+        (JobState.BOOT_FAIL, 0, "lost", True, False, False),
+        (JobState.LOST, None, "lost", True, False, False),
+    ],
+)
+def test_state_policy(state, exit_code, outcome, retry, fail, no_retry):
+    v = judge(JobStatus("1", state, exit_code))
+    assert (v.outcome, v.retry, v.fail_task, v.no_retry) == (outcome, retry, fail, no_retry)
+
+
+def _wait(runner: CampaignRunner, job_id: str) -> JobStatus:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        st = runner.backend.statuses([job_id])[job_id]
+        if st.state.is_terminal:
+            return st
+        time.sleep(0.2)
+    raise AssertionError("job did not end")
+
+
+def test_failed_cell_keeps_other_cells_results(charllm_home):
+    runner = CampaignRunner.from_file(REPO / "include/campaigns/demo.yaml", catalog=Catalog())
+    items = runner.plan("tiny-tp1pp1dp1-mb*-00000")
+    assert len(items) == 2
+    good, bad = items
+    # the good cell trains for real
+    h_good = runner.ensure_submitted(good["cell_id"], 0, "r1")
+    # the bad cell: its attempt is reserved by the runner, but the script crashes
+    attempt = runner.catalog.new_attempt(bad["cell_id"], 0, "demo", "local", "r1")
+    ident = JobIdentity("demo", bad["cell_id"], 0, attempt)
+    h_bad = runner.backend.submit(JobSpec(ident, "#!/bin/bash\necho 'Traceback: boom' >&2\nexit 3\n"))
+    runner.catalog.update_attempt(bad["cell_id"], 0, attempt, state="submitted", job_id=h_bad.job_id)
+
+    st_bad = _wait(runner, h_bad.job_id)
+    with pytest.raises(JobFailedError, match="FAILED"):
+        runner.finish(h_bad, st_bad)
+    assert "boom" in runner.job_tail(h_bad)
+    summary = runner.finish(h_good, _wait(runner, h_good.job_id))
+    assert summary["outcome"] == "ok"
+
+    info = runner.aggregate()
+    import pandas as pd
+
+    cells = pd.read_parquet(info["cells_table"]).set_index("cell_id")
+    assert cells.loc[good["cell_id"], "outcome"] == "ok"
+    assert cells.loc[bad["cell_id"], "outcome"] == "failed"
+    assert cells.loc[good["cell_id"], "tokens_per_s"] > 0
+    # the failed attempt's logs are kept in the store
+    failed_dir = Path(runner.catalog.attempts(cell_id=bad["cell_id"])[0].result_dir)
+    assert "boom" in (failed_dir / "stderr.log").read_text()
+
+    # a new plan skips the done cell and offers the failed one again; a resubmission is attempt 2
+    again = runner.plan("tiny-tp1pp1dp1-mb*-00000")
+    assert [i["cell_id"] for i in again] == [bad["cell_id"]]
+
+
+def test_ensure_submitted_reattaches_and_never_duplicates(charllm_home):
+    runner = CampaignRunner.from_file(REPO / "include/campaigns/demo.yaml", catalog=Catalog())
+    [item] = runner.plan("tiny-tp1pp1dp1-mb4-gb8-s64-00000")
+    h1 = runner.ensure_submitted(item["cell_id"], 0, "r1")
+    # a retried submit task, a restarted orchestrator: a fresh runner finds the same job
+    other = CampaignRunner.from_file(REPO / "include/campaigns/demo.yaml", catalog=Catalog())
+    h2 = other.ensure_submitted(item["cell_id"], 0, "r1")
+    assert h1.job_id == h2.job_id
+    # a crash between reserving the attempt and recording the job id: the backend's find() covers it
+    runner.catalog.update_attempt(item["cell_id"], 0, h1.identity.attempt, state="reserved", job_id=None)
+    h3 = other.ensure_submitted(item["cell_id"], 0, "r1")
+    assert h3.job_id == h1.job_id
+    assert len(list((charllm_home / "work" / ".jobs").iterdir())) == 1
+    runner.finish(h1, _wait(runner, h1.job_id))
+    assert runner.plan("tiny-tp1pp1dp1-mb4-gb8-s64-00000") == []
+    assert len(runner.plan("tiny-tp1pp1dp1-mb4-gb8-s64-00000", force=True)) == 1
