@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from charllm.backends.local import parse_time_limit
+from charllm.backends.base import parse_time_limit
 from charllm.campaign import Cell, LoadedCampaign, dedupe, load_campaign
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,8 +28,7 @@ SEED_SWEEPS: dict[str, tuple[str, float, float]] = {
     "charllm-h100-opt.yaml": ("H100 optimisation sweep", 24.0, 36.0),
 }
 # the seed's per-job limits: 30 min (H200), 1 h (H100), 10 h for FSDP jobs; the cluster
-# profiles carry the first two, FSDP cells need the third (see docs/analysis.md)
-FSDP_LIMIT_S = 10 * 3600
+# profiles carry the first two, the campaigns' time_limits rules the third (see docs/analysis.md)
 SEED_SBATCH_FILES = 380
 SEED_JOBS = 200
 
@@ -43,8 +42,9 @@ def per_cell_hours(lc: LoadedCampaign, mp_h: float, fsdp_h: float) -> dict[str, 
     return out
 
 
-def job_limit_s(cell: Cell, cluster_limit_s: int) -> int:
-    return FSDP_LIMIT_S if cell.parallel.fsdp else cluster_limit_s
+def job_limit_s(lc: LoadedCampaign, cell: Cell) -> int:
+    """The cell's own job limit (the campaign's ``time_limits`` give FSDP cells the seed's 10 h)."""
+    return parse_time_limit(lc.cluster_for(cell).time_limit)
 
 
 def main() -> None:
@@ -60,9 +60,8 @@ def main() -> None:
     tot = [0, 0.0, 0.0, 0.0]
     for f, (sweep, mp_h, fs_h) in SEED_SWEEPS.items():
         lc = loaded[f]
-        lim = parse_time_limit(lc.cluster.time_limit)
         h = per_cell_hours(lc, mp_h, fs_h)
-        bound = sum(job_limit_s(c, lim) / 3600 * c.world_size * lc.campaign.repeats for c in lc.cells)
+        bound = sum(job_limit_s(lc, c) / 3600 * c.world_size * lc.campaign.repeats for c in lc.cells)
         est = sum(h[c.cell_id] * c.world_size * lc.campaign.repeats for c in lc.cells)
         seed_gpu_h = (mp_h + fs_h) * lc.cluster.total_gpus  # a seed sweep holds the whole cluster
         gpus = sorted({c.world_size for c in lc.cells})
@@ -77,7 +76,7 @@ def main() -> None:
         for c in lc.cells:
             if c.cell_id not in cells:
                 cells[c.cell_id], wall[c.cell_id] = c, h[c.cell_id]
-                reps[c.cell_id], limit_s[c.cell_id] = lc.campaign.repeats, job_limit_s(c, lim)
+                reps[c.cell_id], limit_s[c.cell_id] = lc.campaign.repeats, job_limit_s(lc, c)
             else:
                 wall[c.cell_id] = min(wall[c.cell_id], h[c.cell_id])
                 reps[c.cell_id] = max(reps[c.cell_id], lc.campaign.repeats)

@@ -192,6 +192,13 @@ class Sweep(_Strict):
         return self
 
 
+class TimeLimitRule(_Strict):
+    """A longer (or shorter) Slurm time limit for the cells whose name matches a glob."""
+
+    cells: str = Field(min_length=1, max_length=256)
+    time_limit: str = Field(pattern=_TIME_RE)
+
+
 class Campaign(_Strict):
     """A campaign file, validated."""
 
@@ -217,6 +224,8 @@ class Campaign(_Strict):
     include: list[dict[str, Any]] = Field(default_factory=list)
     exclude: list[dict[str, Any]] = Field(default_factory=list)
     references: list[ReferenceBand] = Field(default_factory=list)
+    # per-cell job time limits, first match wins; other cells get the cluster profile's
+    time_limits: list[TimeLimitRule] = Field(default_factory=list)
     tags: list[SafeName] = Field(default_factory=list)
 
     @field_validator("model", mode="before")
@@ -366,6 +375,13 @@ class LoadedCampaign:
     @property
     def name(self) -> str:
         return self.campaign.name
+
+    def cluster_for(self, cell: Cell) -> ClusterProfile:
+        """The cluster profile a cell's job runs with: the first ``time_limits`` rule matching its name applies."""
+        for rule in self.campaign.time_limits:
+            if fnmatch.fnmatchcase(cell.name, rule.cells):
+                return self.cluster.model_copy(update={"time_limit": rule.time_limit})
+        return self.cluster
 
     def select(self, pattern: str | None) -> list[Cell]:
         """Cells whose name or id matches a glob (comma-separated globs allowed)."""

@@ -47,7 +47,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def estimate_hours(lc_cluster_time_limit: str, world: int, repeats: int) -> float:
-    from charllm.backends.local import parse_time_limit
+    from charllm.backends.base import parse_time_limit
 
     return parse_time_limit(lc_cluster_time_limit) / 3600 * world * repeats
 
@@ -64,9 +64,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         done = [r for r in range(reps) if cat.valid_result(c.cell_id, r) is not None]
         status = "done" if len(done) == reps else (f"{len(done)}/{reps} done" if done else "to run")
         if len(done) < reps:
-            todo_h += estimate_hours(lc.cluster.time_limit, c.world_size, reps - len(done))
+            todo_h += estimate_hours(lc.cluster_for(c).time_limit, c.world_size, reps - len(done))
         print(f"{c.name:<56} {c.cell_id:<16} {c.world_size:>4}  {status}")
-    print(f"GPU-hours still to spend (at the {lc.cluster.time_limit} job limit, an upper bound): {todo_h:.1f}")
+    print(f"GPU-hours still to spend (at each cell's job time limit, an upper bound): {todo_h:.1f}")
     return 0
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import jinja2
 
-from charllm.backends.base import JobIdentity, JobSpec
+from charllm.backends.base import JobIdentity, JobSpec, parse_time_limit
 from charllm.campaign import Cell, ClusterProfile
 from charllm.paths import include_dir
 from charllm.shell import q
@@ -67,7 +67,12 @@ def render_script(cell: Cell, cluster: ClusterProfile, ident: JobIdentity, pytho
 def job_spec(cell: Cell, cluster: ClusterProfile, ident: JobIdentity, python: str | None = None) -> JobSpec:
     script = render_script(cell, cluster, ident, python)
     cell_json = json.dumps(cell.job_config(ident.repeat), indent=2, sort_keys=True)
-    return JobSpec(identity=ident, script=script, files={"cell.json": cell_json + "\n"})
+    return JobSpec(
+        identity=ident,
+        script=script,
+        files={"cell.json": cell_json + "\n"},
+        time_limit_s=parse_time_limit(cluster.time_limit),
+    )
 
 
 def write_dry_run(spec: JobSpec, dest: Path) -> Path:

@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from charllm.backends import make_backend
-from charllm.backends.base import Backend, JobHandle, JobIdentity, JobState, JobStatus
-from charllm.backends.local import parse_time_limit
+from charllm.backends.base import Backend, JobHandle, JobIdentity, JobState, JobStatus, parse_time_limit
 from charllm.campaign import Cell, LoadedCampaign, load_campaign
 from charllm.catalog import Catalog
 from charllm.errors import ConfigError, JobFailedError, ResultError
@@ -133,7 +132,7 @@ class CampaignRunner:
         """Dry run: write the job script and cell.json, submit nothing."""
         cell = self.cell(cell_id)
         ident = JobIdentity(self.lc.name, cell_id, repeat, 0)
-        return write_dry_run(job_spec(cell, self.lc.cluster, ident), dest)
+        return write_dry_run(job_spec(cell, self.lc.cluster_for(cell), ident), dest)
 
     # -- submission ---------------------------------------------------------------------
     def ensure_submitted(self, cell_id: str, repeat: int, run_id: str | None = None, new: bool = False) -> JobHandle:
@@ -157,7 +156,7 @@ class CampaignRunner:
         else:
             attempt = self.catalog.new_attempt(cell_id, repeat, self.lc.name, self.backend.name, run_id)
         ident = JobIdentity(self.lc.name, cell_id, repeat, attempt)
-        handle = self.backend.submit(job_spec(cell, self.lc.cluster, ident))
+        handle = self.backend.submit(job_spec(cell, self.lc.cluster_for(cell), ident))
         self.catalog.update_attempt(cell_id, repeat, attempt, state="submitted", job_id=handle.job_id, run_id=run_id)
         log.info("cell %s repeat %d attempt %d: job %s in %s", cell.name, repeat, attempt, handle.job_id, handle.workdir)
         return handle
@@ -258,7 +257,22 @@ class CampaignRunner:
             log.info("no results in %s yet: no figures drawn", self.tables_dir())
             return []
         out = self.home / "figures" / self.lc.name / _safe_run(run_id)
-        return [str(p) for p in draw_all(cells, steps, out, self.lc.name)]
+        camp = self.lc.campaign
+        paths = draw_all(
+            cells, steps, out, self.lc.name,
+            tables_dir=self.tables_dir(), references=list(camp.references), schedule=camp.schedule or "",
+        )
+        self.check_references(cells)
+        return [str(p) for p in paths]
+
+    def check_references(self, cells: Any) -> list[Any]:
+        """The campaign's reference bands that its results miss, each logged as a warning."""
+        from charllm.reference import check_references, violations
+
+        bad = violations(check_references(self.lc.campaign.references, cells))
+        for c in bad:
+            log.warning("reference check failed: %s", c)
+        return bad
 
     def outcomes_of(self, planned: list[dict[str, Any]]) -> dict[str, int]:
         """Outcome counts of planned cell repeats ('missing' where no attempt ended)."""

@@ -53,6 +53,30 @@ def test_cartesian_product_include_exclude(include_tmp):
     assert any("dp1-mb4" in n for n in names)
 
 
+def test_time_limit_rules_apply_per_cell(include_tmp):
+    from charllm.backends.base import JobIdentity
+    from charllm.render import job_spec
+
+    p = write(include_tmp, GOOD + 'time_limits:\n  - {cells: "*-dp2-*", time_limit: "02:00:00"}\n')
+    lc = load_campaign(p)
+    for c in lc.cells:
+        want = "02:00:00" if "-dp2-" in c.name else lc.cluster.time_limit
+        assert lc.cluster_for(c).time_limit == want, c.name
+        spec = job_spec(c, lc.cluster_for(c), JobIdentity(lc.name, c.cell_id, 0, 1))
+        assert f"#SBATCH --time={want}" in spec.script
+        assert spec.time_limit_s == (7200 if "-dp2-" in c.name else 600)
+    # the limit is how a cell is run, not what it measures: the hash does not move
+    plain = load_campaign(write(include_tmp, GOOD, "plain.yaml"))
+    assert [c.cell_id for c in plain.cells] == [c.cell_id for c in lc.cells]
+
+
+def test_bad_time_limit_rule_names_field(include_tmp):
+    p = write(include_tmp, GOOD + 'time_limits:\n  - {cells: "*", time_limit: "soon"}\n')
+    with pytest.raises(ConfigError) as err:
+        load_campaign(p)
+    assert "time_limits" in str(err.value) and str(p) in str(err.value)
+
+
 def test_dp_auto_and_opt_code(include_tmp):
     p = write(include_tmp, """\
         name: t

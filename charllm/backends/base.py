@@ -131,6 +131,8 @@ class JobSpec:
     identity: JobIdentity
     script: str
     files: dict[str, str] = field(default_factory=dict)
+    # the job's wall-clock limit; the script's own header says it to Slurm, a local backend enforces it
+    time_limit_s: int | None = None
 
 
 @dataclass(frozen=True)
@@ -221,3 +223,19 @@ class Backend(ABC):
     @abstractmethod
     def tail(self, handle: JobHandle, n_bytes: int = 4000) -> tuple[str, str]:
         """The last bytes of the job's stdout and stderr."""
+
+
+def parse_time_limit(text: str) -> int:
+    """Slurm time ('[D-]HH:MM:SS' or minutes) to seconds."""
+    days = 0
+    if "-" in text:
+        d, text = text.split("-", 1)
+        days = int(d)
+    parts = [int(p) for p in text.split(":")]
+    if len(parts) == 1:
+        secs = parts[0] * 60
+    else:
+        while len(parts) < 3:
+            parts.insert(0, 0)
+        secs = parts[0] * 3600 + parts[1] * 60 + parts[2]
+    return days * 86400 + secs

@@ -52,22 +52,6 @@ echo $rc > exitcode.tmp && mv exitcode.tmp exitcode
 """
 
 
-def parse_time_limit(text: str) -> int:
-    """Slurm time ('[D-]HH:MM:SS' or minutes) to seconds."""
-    days = 0
-    if "-" in text:
-        d, text = text.split("-", 1)
-        days = int(d)
-    parts = [int(p) for p in text.split(":")]
-    if len(parts) == 1:
-        secs = parts[0] * 60
-    else:
-        while len(parts) < 3:
-            parts.insert(0, 0)
-        secs = parts[0] * 3600 + parts[1] * 60 + parts[2]
-    return days * 86400 + secs
-
-
 def _alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -131,7 +115,7 @@ class LocalBackend(Backend):
         locks = self.root / ".slots"
         locks.mkdir(parents=True, exist_ok=True)
         wrapper = _WRAPPER.format(
-            limit=self.time_limit_s, script=SCRIPT_NAME, out=STDOUT_NAME, err=STDERR_NAME,
+            limit=spec.time_limit_s or self.time_limit_s, script=SCRIPT_NAME, out=STDOUT_NAME, err=STDERR_NAME,
             slots=max(1, self.slots), locks=q(str(locks)),
         )
         try:
@@ -211,4 +195,4 @@ def _tail(path: Path, n_bytes: int) -> str:
         return ""
 
 
-__all__ = ["LocalBackend", "parse_time_limit"]
+__all__ = ["LocalBackend"]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from charllm.backends.base import JobIdentity, JobSpec, JobState
-from charllm.backends.local import LocalBackend, parse_time_limit
+from charllm.backends.base import JobIdentity, JobSpec, JobState, parse_time_limit
+from charllm.backends.local import LocalBackend
 
 
 def _wait(backend: LocalBackend, job_id: str, timeout_s: float = 30) -> JobState:
@@ -59,6 +59,14 @@ def test_nonzero_exit_is_failed_with_code(backend):
 def test_time_limit_is_timeout(tmp_path):
     b = LocalBackend(tmp_path / "w", time_limit_s=1)
     h = b.submit(_spec("sleep 30"))
+    assert _wait(b, h.job_id) is JobState.TIMEOUT
+
+
+def test_job_spec_time_limit_overrides_backend_default(tmp_path):
+    b = LocalBackend(tmp_path / "w", time_limit_s=3600)
+    spec = _spec("sleep 30")
+    spec = JobSpec(spec.identity, spec.script, spec.files, time_limit_s=1)
+    h = b.submit(spec)
     assert _wait(b, h.job_id) is JobState.TIMEOUT
 
 
