@@ -20,6 +20,7 @@ EXPECTED = {
     "charllm-microbatch.yaml": ("ppt_microbatch", 59, "h200-4x8"),  # 15 layouts x 4 mbs - 1 impossible
     "charllm-h100-opt.yaml": ("ppt_h100_opt", 64, "h100-8x8"),  # 16 layouts x 4 codes
     "charllm-small.yaml": ("ppt_small", 8, "small-gpu"),
+    "charllm-small-1gpu.yaml": ("ppt_small_1gpu", 8, "small-gpu"),  # 4 codes + mbs 1/4/8 + Llama proxy
 }
 PAPER = ("charllm-h200-opt.yaml", "charllm-fig4-parallelism.yaml", "charllm-microbatch.yaml", "charllm-h100-opt.yaml")
 
