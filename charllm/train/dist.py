@@ -74,7 +74,9 @@ def init_process_group(denv: DistEnv, device: torch.device, timeout_s: float = 6
     kwargs: dict[str, Any] = {}
     if device.type == "cuda":
         kwargs["device_id"] = device  # binds NCCL to this GPU up front (eager communicator init)
-    if denv.world_size == 1 and denv.launcher == "single":
+    if denv.world_size == 1:
+        # alone, whatever launched it (a one-task Slurm step sets SLURM_NTASKS=1): an in-memory
+        # store, no TCP port that two one-rank jobs sharing a node would fight over
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, **kwargs)
         return
     os.environ.setdefault("MASTER_ADDR", denv.master_addr or "127.0.0.1")

@@ -3,19 +3,37 @@
 The install stage builds the training environment on the cluster as a Slurm job (a venv
 with the pinned packages and charllm's source) and a second run skips it; the cells run as
 Slurm jobs; the task logs carry the Slurm job ids, nodes and the jobs' own output.
+
+Each test run gets its own campaign name: the Slurm backend re-attaches to a job with the
+same identity (campaign, cell, repeat, attempt) wherever one exists on the cluster, so a
+second run with a fresh catalog would otherwise adopt the jobs of the run before it.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slurm, pytest.mark.airflow]
+
+
+def _include_copy(tmp: Path) -> tuple[Path, str]:
+    """include/ with demo_slurm renamed for this run; returns (folder, campaign name)."""
+    inc = tmp / "include"
+    shutil.copytree(REPO / "include", inc)
+    name = f"demo_slurm_{uuid.uuid4().hex[:8]}"
+    camp = inc / "campaigns" / "demo_slurm.yaml"
+    text = camp.read_text()
+    assert "\nname: demo_slurm\n" in text
+    camp.write_text(text.replace("\nname: demo_slurm\n", f"\nname: {name}\n"))
+    return inc, name
 
 
 def _env(tmp: Path, cluster_env: dict[str, str]) -> dict[str, str]:
@@ -29,6 +47,7 @@ def _env(tmp: Path, cluster_env: dict[str, str]) -> dict[str, str]:
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
         AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{af / 'airflow.db'}",
         CHARLLM_HOME=str(tmp / "charllm-home"),
+        CHARLLM_INCLUDE=str(tmp / "include"),
         PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
     )
     return env
@@ -41,17 +60,23 @@ def _airflow(env: dict[str, str], *args: str) -> tuple[int, str]:
 
 
 def test_demo_campaign_on_slurm_through_airflow(tmp_path, dev_cluster):
+    _, name = _include_copy(tmp_path)
+    dag_id = f"charllm_{name}"
     env = _env(tmp_path, dev_cluster.env)
     rc, log = _airflow(env, "db", "migrate")
     assert rc == 0, log[-3000:]
-    rc, log = _airflow(env, "dags", "test", "charllm_demo_slurm")
-    assert rc == 0, log[-10000:]
-    assert "charllm: environment ready" in log or "was built by job" in log
+    rc, log = _airflow(env, "dags", "test", dag_id)
 
     from charllm.catalog import Catalog
 
     home = Path(env["CHARLLM_HOME"])
-    attempts = Catalog(f"sqlite:///{home / 'catalog.db'}").attempts(campaign="demo_slurm")
+    attempts = Catalog(f"sqlite:///{home / 'catalog.db'}").attempts(campaign=name)
+    if rc != 0:  # say which cell failed and why before the log's tail
+        ended = [f"{a.cell_id} r{a.repeat} a{a.attempt} job {a.job_id}: {a.outcome} {a.message}" for a in attempts]
+        problems = [ln for ln in log.splitlines() if "[error" in ln or "FAILED" in ln or "ended " in ln]
+        pytest.fail("DAG run failed\n" + "\n".join(ended) + "\n--- errors ---\n" + "\n".join(problems[-40:])
+                    + "\n--- log tail ---\n" + log[-6000:])
+    assert "charllm: environment ready" in log or "was built by job" in log
     assert len(attempts) == 4
     assert {a.outcome for a in attempts} == {"ok"}, [(a.outcome, a.message) for a in attempts]
     assert all(a.job_id and a.job_id.isdigit() for a in attempts)
@@ -59,12 +84,12 @@ def test_demo_campaign_on_slurm_through_airflow(tmp_path, dev_cluster):
     assert "slurm job" in log and "nodes=" in log
     import pandas as pd
 
-    cells = pd.read_parquet(home / "tables" / "demo_slurm" / "cells.parquet")
+    cells = pd.read_parquet(home / "tables" / name / "cells.parquet")
     assert len(cells) == 4 and (cells["tokens_per_s"] > 0).all()
     assert set(cells["nodes"]) == {dev_cluster.env.get("CHARLLM_SLURM_NODE", "charllm-node0")}
 
     # a second run: the environment job is skipped and no cell is submitted again
-    rc, log2 = _airflow(env, "dags", "test", "charllm_demo_slurm")
+    rc, log2 = _airflow(env, "dags", "test", dag_id)
     assert rc == 0, log2[-8000:]
     assert "skipped" in log2 and "0 cell repeat(s) to run" in log2
-    assert len(Catalog(f"sqlite:///{home / 'catalog.db'}").attempts(campaign="demo_slurm")) == 4
+    assert len(Catalog(f"sqlite:///{home / 'catalog.db'}").attempts(campaign=name)) == 4

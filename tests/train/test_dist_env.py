@@ -43,3 +43,30 @@ def test_bad_numbers() -> None:
         detect({"RANK": "x", "WORLD_SIZE": "2"})
     with pytest.raises(LaunchError, match="outside world size"):
         detect({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"})
+
+
+def test_one_task_slurm_job_takes_no_tcp_port(monkeypatch):
+    """Two one-rank Slurm jobs on a node once both bound 29500 (EADDRINUSE): alone means no port."""
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    from charllm.train.dist import detect, init_process_group
+
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0"}
+    denv = detect(env)
+    assert (denv.launcher, denv.world_size, denv.master_port) == ("slurm", 1, None)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with socket.socket() as busy:  # another job holds the default port
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            busy.bind(("127.0.0.1", 29500))
+            busy.listen()
+        except OSError:
+            pass  # already taken by someone else: the same situation
+        init_process_group(denv, torch.device("cpu"), timeout_s=10)
+        try:
+            assert dist.get_world_size() == 1
+        finally:
+            dist.destroy_process_group()
