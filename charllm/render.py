@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import jinja2
 
@@ -44,7 +45,25 @@ def shell_path(path: str) -> str:
     return '"$HOME"/' + q(path.removeprefix("~/"))
 
 
-def render_script(cell: Cell, cluster: ClusterProfile, ident: JobIdentity, python: str | None = None) -> str:
+def dataset_dir_word(dataset: dict[str, Any], data_home: Path | None = None) -> str:
+    """The prepared dataset's directory (``<path>/<key>``) as one shell word.
+
+    A relative ``path`` is taken from ``data_home`` when given (the local backend: the
+    results home), else from the login home on the cluster (``$HOME``), like ``env_dir``.
+    """
+    base = str(dataset.get("path") or "charllm-data")
+    key = str(dataset["key"])
+    if data_home is not None and not base.startswith("/"):
+        base = str(Path(base).expanduser()) if base.startswith("~") else str(data_home / base)
+        if not base.startswith("/"):
+            base = str(Path(base).absolute())
+    return shell_path(f"{base.rstrip('/')}/{key}")
+
+
+def render_script(
+    cell: Cell, cluster: ClusterProfile, ident: JobIdentity, python: str | None = None,
+    data_home: Path | None = None,
+) -> str:
     tasks_per_node = cell.world_size if cell.nodes == 1 else cluster.gpus_per_node
     gres = cluster.gres_per_node
     if gres is None and cluster.gpu_type != "cpu":
@@ -61,11 +80,14 @@ def render_script(cell: Cell, cluster: ClusterProfile, ident: JobIdentity, pytho
         tasks_per_node=tasks_per_node if launcher == "srun" else (1 if cell.nodes > 1 else tasks_per_node),
         launcher=launcher,
         python_sh=shell_path(python or default_python(cluster)),
+        dataset_dir_sh=dataset_dir_word(cell.dataset, data_home) if cell.dataset.get("kind") == "indexed" else None,
     )
 
 
-def job_spec(cell: Cell, cluster: ClusterProfile, ident: JobIdentity, python: str | None = None) -> JobSpec:
-    script = render_script(cell, cluster, ident, python)
+def job_spec(
+    cell: Cell, cluster: ClusterProfile, ident: JobIdentity, python: str | None = None, data_home: Path | None = None,
+) -> JobSpec:
+    script = render_script(cell, cluster, ident, python, data_home)
     cell_json = json.dumps(cell.job_config(ident.repeat), indent=2, sort_keys=True)
     return JobSpec(
         identity=ident,

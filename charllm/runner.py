@@ -98,6 +98,11 @@ class CampaignRunner:
         return cls(load_campaign(path), **kw)
 
     @property
+    def data_home(self) -> Path | None:
+        """Where relative dataset paths start: the results home on the local backend, else the login home."""
+        return self.home if self.backend.name == "local" else None
+
+    @property
     def poll_interval_s(self) -> float:
         return self.lc.cluster.poll_interval_s
 
@@ -132,7 +137,7 @@ class CampaignRunner:
         """Dry run: write the job script and cell.json, submit nothing."""
         cell = self.cell(cell_id)
         ident = JobIdentity(self.lc.name, cell_id, repeat, 0)
-        return write_dry_run(job_spec(cell, self.lc.cluster_for(cell), ident), dest)
+        return write_dry_run(job_spec(cell, self.lc.cluster_for(cell), ident, data_home=self.data_home), dest)
 
     # -- submission ---------------------------------------------------------------------
     def ensure_submitted(self, cell_id: str, repeat: int, run_id: str | None = None, new: bool = False) -> JobHandle:
@@ -156,7 +161,7 @@ class CampaignRunner:
         else:
             attempt = self.catalog.new_attempt(cell_id, repeat, self.lc.name, self.backend.name, run_id)
         ident = JobIdentity(self.lc.name, cell_id, repeat, attempt)
-        handle = self.backend.submit(job_spec(cell, self.lc.cluster_for(cell), ident))
+        handle = self.backend.submit(job_spec(cell, self.lc.cluster_for(cell), ident, data_home=self.data_home))
         self.catalog.update_attempt(cell_id, repeat, attempt, state="submitted", job_id=handle.job_id, run_id=run_id)
         log.info("cell %s repeat %d attempt %d: job %s in %s", cell.name, repeat, attempt, handle.job_id, handle.workdir)
         return handle

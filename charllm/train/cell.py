@@ -19,7 +19,7 @@ from charllm.train.errors import CellConfigError
 ENGINES = ("torch", "megatron")
 PRECISIONS = ("bf16", "fp32")
 GPU_TYPES = ("cpu", "h100", "h200", "a100")  # a100: the campaign models allow it
-DATASET_KINDS = ("synthetic",)
+DATASET_KINDS = ("synthetic", "indexed")
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,8 @@ class WarmupSpec:
 class DatasetSpec:
     kind: str = "synthetic"
     path: str | None = None
+    tokenizer: str = "bytes"
+    key: str | None = None  # indexed: the prepared dataset is <path>/<key> (or $CHARLLM_DATASET_DIR)
 
 
 @dataclass(frozen=True)

@@ -31,10 +31,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from charllm.errors import CharllmError
 from charllm.train.cell import CellSpec
-from charllm.train.data import SyntheticTokens
+from charllm.train.data import IndexedTokenSource, SyntheticTokens, dataset_dir
 from charllm.train.dist import DistEnv
-from charllm.train.errors import EngineUnavailableError
+from charllm.train.errors import CellConfigError, EngineUnavailableError
 from charllm.train.model import Transformer, is_gated, loss_fn, split_layers
 
 
@@ -110,7 +111,7 @@ class TorchEngine:
                 "expert parallelism (ep > 1) is not implemented in the torch engine: "
                 "experts are replicated across dp ranks (use ep = 1)"
             )
-        if cell.dataset.kind != "synthetic":
+        if cell.dataset.kind not in ("synthetic", "indexed"):
             raise EngineUnavailableError(f"dataset kind {cell.dataset.kind!r} is not supported")
         self.cell, self.denv, self.device = cell, denv, device
         self.accum = cell.grad_accum
@@ -195,9 +196,19 @@ class TorchEngine:
         self.optimizer = torch.optim.AdamW(groups, lr=cell.opt.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
         self.optimizer_impl = "fused" if fused else "foreach"
 
-        self.data = SyntheticTokens(
-            cell.model.vocab_size, cell.seq_len, cell.micro_batch, cell.seed, self.dp_rank, device=device
-        )
+        self.data: SyntheticTokens | IndexedTokenSource
+        if cell.dataset.kind == "indexed":
+            try:
+                self.data = IndexedTokenSource(
+                    dataset_dir(cell.dataset.path, cell.dataset.key), cell.model.vocab_size, cell.seq_len,
+                    cell.micro_batch, cell.seed, self.dp_rank, device=device,
+                )
+            except (ValueError, OSError, CharllmError) as err:
+                raise CellConfigError(f"dataset: {err}") from err
+        else:
+            self.data = SyntheticTokens(
+                cell.model.vocab_size, cell.seq_len, cell.micro_batch, cell.seed, self.dp_rank, device=device
+            )
         self.schedule: Any = None
         if p.pp > 1:
             from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
