@@ -256,6 +256,9 @@ class CampaignRunner:
 
         from charllm.analysis.figures import draw_all
 
+        if not (self.tables_dir() / "cells.parquet").exists():
+            log.info("no tables in %s yet (aggregate has not run): no figures drawn", self.tables_dir())
+            return []
         cells = pd.read_parquet(self.tables_dir() / "cells.parquet")
         steps = pd.read_parquet(self.tables_dir() / "steps.parquet")
         if cells.empty:

@@ -52,8 +52,23 @@ def test_repo_dags_import_cleanly_and_light(tmp_path):
     assert rep["heavy"] == [], f"DAG parsing imported {rep['heavy']}"
     tasks = rep["tasks"]["charllm_demo"]
     for t in ("install.submit", "install.wait", "prepare_dataset", "plan", "cell.submit", "cell.wait", "cell.collect", "aggregate",
-              "visualize", "verdict"):
+              "verdict"):
         assert t in tasks
+    # every campaign has its figures DAG, which only draws
+    campaigns = [d for d in rep["dags"] if not d.endswith("_figures")]
+    assert sorted(f"{d}_figures" for d in campaigns) == sorted(d for d in rep["dags"] if d.endswith("_figures"))
+    assert rep["tasks"]["charllm_demo_figures"] == ["visualize"]
+
+
+def test_figures_dag_is_scheduled_on_the_tables_asset():
+    from charllm.campaign import load_campaign
+    from charllm.orchestrate.factory import figures_dag, tables_asset
+
+    lc = load_campaign(REPO / "include" / "campaigns" / "demo.yaml")
+    asset = tables_asset(lc.name)
+    fig = figures_dag(lc, lc.source, asset)
+    assert fig.dag_id == "charllm_demo_figures"
+    assert list(fig.timetable.asset_condition.objects) == [asset]
 
 
 def test_broken_campaign_is_an_import_error_and_others_still_load(tmp_path, include_tmp):
@@ -68,7 +83,7 @@ def test_broken_campaign_is_an_import_error_and_others_still_load(tmp_path, incl
             f'"""Airflow DAG."""\nfrom charllm.orchestrate.factory import campaign_dag\n\ndag = campaign_dag("{stem}.yaml")\n'
         )
     rep = _dagbag_report(dags, {"AIRFLOW_HOME": str(tmp_path), "CHARLLM_INCLUDE": str(include_tmp)})
-    assert rep["dags"] == ["charllm_demo"]
+    assert rep["dags"] == ["charllm_demo", "charllm_demo_figures"]
     [(path, err)] = rep["errors"].items()
     assert path.endswith("campaign_broken.py")
     assert "broken.yaml" in err and "unexpected_field" in err and "unknown field" in err

@@ -2,7 +2,8 @@
 
 The DAG: ``install`` (submit -> wait) -> ``prepare_dataset`` -> ``plan`` -> one mapped task group per
 cell repeat (``submit`` -> ``wait`` (deferrable) -> ``collect``) -> ``aggregate`` ->
-``visualize`` -> ``verdict``. Parsing it reads only the YAML file: no network, no
+``verdict``; ``aggregate`` updates the campaign's tables Asset, on which a second DAG,
+``charllm_<name>_figures``, is scheduled to draw the figures and the report. Parsing it reads only the YAML file: no network, no
 catalog, no torch/pandas/matplotlib. A broken campaign file raises ConfigError here, so
 Airflow shows it as that DAG file's import error and every other campaign still loads.
 """
@@ -14,7 +15,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import DAG, Param, TriggerRule, get_current_context, task, task_group
+from airflow.sdk import DAG, Asset, Param, TriggerRule, get_current_context, task, task_group
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from charllm.campaign import load_campaign
@@ -41,6 +42,14 @@ def _resolve(campaign_file: str | Path) -> Path:
 
 def dag_id_for(name: str) -> str:
     return f"charllm_{name}"
+
+
+def tables_asset(name: str) -> Asset:
+    """The campaign's results tables (cells, steps, per-GPU, telemetry) as an Airflow Asset.
+
+    ``aggregate`` updates it after every sweep; the campaign's figures DAG is scheduled on it.
+    """
+    return Asset(name=f"charllm_tables_{name}", uri=f"charllm://tables/{name}", group="charllm")
 
 
 def campaign_dag(campaign_file: str | Path) -> DAG:
@@ -77,6 +86,7 @@ def campaign_dag(campaign_file: str | Path) -> DAG:
         },
         render_template_as_native_obj=True,
     ) as dag:
+        tables = tables_asset(camp.name)
 
         @task(task_id="submit")
         def install_submit() -> dict[str, Any]:
@@ -123,21 +133,16 @@ def campaign_dag(campaign_file: str | Path) -> DAG:
             waited = CellJobSensor(task_id="wait", campaign_file=src, item=item, handle=handle)
             return collect(waited.output)  # type: ignore[arg-type]
 
-        @task(task_id="aggregate", trigger_rule=TriggerRule.ALL_DONE)
+        @task(task_id="aggregate", trigger_rule=TriggerRule.ALL_DONE, outlets=[tables])
         def aggregate() -> dict[str, Any]:
-            if get_current_context()["params"].get("dry_run"):
-                raise AirflowSkipException("dry run: nothing to aggregate")
-            return runner_for(src).aggregate()
-
-        @task(task_id="visualize", trigger_rule=TriggerRule.ALL_DONE)
-        def visualize(agg: dict[str, Any] | None) -> list[str]:
             ctx = get_current_context()
-            if ctx["params"].get("dry_run") or not agg:
-                raise AirflowSkipException("no tables to draw from")
-            paths = runner_for(src).visualize(ctx["run_id"])
-            for p in paths:
-                log.info("figure: %s", p)
-            return paths
+            if ctx["params"].get("dry_run"):
+                raise AirflowSkipException("dry run: nothing to aggregate")
+            info = runner_for(src).aggregate()
+            # the figures DAG draws into a folder named after this run
+            ctx["outlet_events"][tables].extra = {"run_id": ctx["run_id"], "rows": info.get("rows"),
+                                                  "outcomes": info.get("outcomes")}
+            return info
 
         @task(task_id="verdict", trigger_rule=TriggerRule.ALL_DONE)
         def verdict(planned: list[dict[str, Any]]) -> dict[str, int]:
@@ -156,6 +161,44 @@ def campaign_dag(campaign_file: str | Path) -> DAG:
         cells = cell.expand(item=items)
         agg = aggregate()
         cells >> agg
-        viz = visualize(agg)  # type: ignore[arg-type]
-        viz >> verdict(items)  # type: ignore[arg-type]
+        agg >> verdict(items)  # type: ignore[arg-type]
+    figures_dag(lc, src, tables)
+    return dag
+
+
+def figures_dag(lc: Any, src: str, tables: Asset) -> DAG:
+    """``charllm_<name>_figures``: scheduled on the campaign's tables Asset, draws figures and the report.
+
+    A run triggered by ``aggregate`` draws into ``figures/<campaign>/<that run's id>``; a
+    manual run redraws from the current tables into a folder named after itself.
+    """
+    camp = lc.campaign
+    with DAG(
+        dag_id=f"{dag_id_for(camp.name)}_figures",
+        description=f"Figures and report of campaign {camp.name}, redrawn whenever its tables change"[:200],
+        doc_md=(f"### Figures of campaign `{camp.name}`\n\nScheduled on the Asset `{tables.name}` "
+                f"(updated by `{dag_id_for(camp.name)}.aggregate`). Campaign file: `{src}`."),
+        schedule=[tables],
+        start_date=datetime(2026, 1, 1),
+        catchup=False,
+        max_active_runs=1,
+        default_args=DEFAULT_ARGS,
+        tags=["charllm", "figures", *camp.tags],
+    ) as dag:
+
+        @task(task_id="visualize")
+        def visualize() -> list[str]:
+            ctx = get_current_context()
+            run_id = ctx["run_id"]
+            for events in (ctx.get("triggering_asset_events") or {}).values():
+                for ev in events:
+                    run_id = (ev.extra or {}).get("run_id") or run_id
+            paths = runner_for(src).visualize(run_id)
+            if not paths:
+                raise AirflowSkipException("no results in the tables yet: nothing to draw")
+            for p in paths:
+                log.info("figure: %s", p)
+            return paths
+
+        visualize()
     return dag
