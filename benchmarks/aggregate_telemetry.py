@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dir", default=tempfile.gettempdir())
     ap.add_argument("--keep", action="store_true")
     ap.add_argument(
-        "--compression", default="snappy", help="of our rank files (the job writes snappy, pandas' default)"
+        "--compression", default="lz4", help="of our rank files (the job writes lz4)"
     )
     args = ap.parse_args(argv)
     sizes = [int(float(s)) for s in args.sizes.split(",")]

@@ -152,7 +152,7 @@ class Sampler:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        self.frame().to_parquet(tmp, index=False)
+        self.frame().to_parquet(tmp, index=False, compression="lz4")  # ~25 % faster to decode than snappy (docs/analysis.md)
         os.replace(tmp, path)
         return path
 
