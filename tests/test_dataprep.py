@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import shutil
 import struct
 import subprocess
@@ -316,3 +317,78 @@ def test_tiny_training_run_on_the_indexed_dataset(prepared, tmp_path):
     proc = launch(bad, tmp_path / "run-bad")
     assert proc.returncode != 0
     assert "does not exist" in proc.stdout + proc.stderr
+
+
+def test_slurm_dataset_job_renders_with_the_cluster_env_python(tmp_path):
+    """The Slurm form of the dataset job (rendered, not submitted: building the backend opens no connection)."""
+    data = yaml.safe_load((include_dir() / "campaigns" / "demo_slurm.yaml").read_text())
+    data.update(name="dsslurm", dataset={"kind": "indexed", "corpus": ["data/corpus/notes.jsonl", "~/corpora/x.txt",
+                                                                        "/abs/it's.jsonl"]})
+    p = tmp_path / "campaigns" / "dsslurm.yaml"
+    p.parent.mkdir(parents=True)
+    p.write_text(yaml.safe_dump(data))
+    lc = load_campaign(p, include_dir() / "clusters")
+    r = CampaignRunner(lc, catalog=Catalog(f"sqlite:///{tmp_path / 'cat.db'}"), home=tmp_path / "home")
+    assert r.backend.name == "slurm" and r.data_home is None
+    from charllm.envsetup import DATA_CAMPAIGN, dataset_job
+
+    spec, key = dataset_job(r)
+    assert spec.identity.campaign == DATA_CAMPAIGN and spec.identity.cell_id == f"data{key}"
+    assert list(spec.files) == ["corpus-000-notes.jsonl"]
+    assert spec.files["corpus-000-notes.jsonl"] == (CORPUS / "notes.jsonl").read_text()
+    s = spec.script
+    ds_key = lc.campaign.dataset.key
+    assert f"OUT=\"$HOME\"/charllm-data/{ds_key}\n" in s
+    assert "\"$HOME\"/charllm-env/bin/python -m charllm.dataprep --tokenizer bytes --out \"$OUT\" " in s
+    abs_word = shlex.quote("/abs/it's.jsonl")
+    assert "corpus-000-notes.jsonl \"$HOME\"/corpora/x.txt " + abs_word + "\n" in s
+    assert "#SBATCH --partition=debug" in s and f"#SBATCH --job-name=charllm.{DATA_CAMPAIGN}.data{key}.r0.a1" in s
+    assert subprocess.run(["bash", "-n"], input=s, text=True).returncode == 0
+    # the cell jobs read it from the same place
+    cell_script = r.render(lc.cells[0].cell_id, 0, tmp_path / "dry").read_text()
+    assert f"export CHARLLM_DATASET_DIR=\"$HOME\"/charllm-data/{ds_key}\n" in cell_script
+    # the key follows the staged content: same spec, same key; the synthetic demo's scripts have no such line
+    assert dataset_job(r, 2)[1] == key
+    demo = load_campaign(include_dir() / "campaigns" / "demo_slurm.yaml")
+    from charllm.backends.base import JobIdentity
+    from charllm.render import render_script
+
+    c = demo.cells[0]
+    assert "CHARLLM_DATASET_DIR" not in render_script(c, demo.cluster, JobIdentity("d", c.cell_id, 0, 1))
+
+
+# -- through Airflow ------------------------------------------------------------------------
+
+
+@pytest.mark.airflow
+def test_demo_indexed_through_airflow(tmp_path):
+    """``airflow dags test charllm_demo_indexed``: the dataset job, then two cells training on it."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    af_home = tmp_path / "airflow-home"
+    af_home.mkdir()
+    home = tmp_path / "charllm-home"
+    env.update(
+        AIRFLOW_HOME=str(af_home),
+        AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "dags"),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{af_home / 'airflow.db'}",
+        CHARLLM_HOME=str(home),
+        PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+    )
+    airflow = str(Path(sys.executable).parent / "airflow")
+    mig = subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True, text=True, timeout=300)
+    assert mig.returncode == 0, mig.stdout[-3000:] + mig.stderr[-3000:]
+    run = subprocess.run([airflow, "dags", "test", "charllm_demo_indexed"], env=env, capture_output=True,
+                         text=True, timeout=600)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-8000:]
+    assert "charllm-dataprep:" in log and "built" in log
+    key = load_campaign(include_dir() / "campaigns" / "demo_indexed.yaml").campaign.dataset.key
+    assert IndexedTokens(home / "charllm-data" / key / "tokens").n_tokens > 10_000
+    attempts = Catalog(f"sqlite:///{home / 'catalog.db'}").attempts(campaign="demo_indexed")
+    assert len(attempts) == 2 and {a.outcome for a in attempts} == {"ok"}
+    for a in attempts:
+        script = (Path(a.result_dir) / "job.sbatch").read_text()
+        assert f"export CHARLLM_DATASET_DIR={home / 'charllm-data' / key}" in script
