@@ -160,7 +160,7 @@ def test_bad_corpus_path_names_it(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_shipped_corpus_is_prepared():
+def test_shipped_corpus_files():
     files = sorted(CORPUS.iterdir())
     assert {p.suffix for p in files} == {".txt", ".jsonl"}
     assert sum(p.stat().st_size for p in files) > 10_000
