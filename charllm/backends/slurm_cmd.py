@@ -555,6 +555,9 @@ def merge_status(
             return dataclasses.replace(
                 live, exit_code=None, signal=None, reason=live.reason or "exit code not yet in accounting"
             )
+        if live.state.is_success:
+            # COMPLETED means exit code 0 and no signal, whichever daemon said it first
+            return dataclasses.replace(live, exit_code=0, signal=0)
         return live
     if acct is not None:
         if controller_down and not acct.state.is_terminal:

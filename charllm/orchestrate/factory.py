@@ -99,6 +99,9 @@ def campaign_dag(campaign_file: str | Path) -> DAG:
 
         @task(task_id="prepare_dataset")
         def prepare_dataset() -> dict[str, Any]:
+            if get_current_context()["params"].get("dry_run"):
+                log.info("dry run: the dataset is not prepared")
+                return {"dry_run": True}
             return runner_for(src).prepare_dataset()
 
         @task(task_id="plan")

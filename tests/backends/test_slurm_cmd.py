@@ -556,3 +556,14 @@ def test_state_table(name: str) -> None:
 )
 def test_state_parse(text: str, state: JobState) -> None:
     assert JobState.parse(text) is state
+
+
+def test_completed_seen_first_by_the_controller_reads_exit_0_signal_0() -> None:
+    """squeue can say COMPLETED before sacct has the row: that state means exit 0, no signal (seen in CI)."""
+    from charllm.backends.base import JobStatus
+
+    live = JobStatus(job_id="7", state=JobState.COMPLETED, exit_code=None, signal=None, nodes="n0")
+    st = c.merge_status("7", None, live, known_gap=False)
+    assert (st.state, st.exit_code, st.signal, st.nodes) == (JobState.COMPLETED, 0, 0, "n0")
+    failed = c.merge_status("8", None, JobStatus(job_id="8", state=JobState.FAILED, exit_code=0), known_gap=False)
+    assert (failed.exit_code, failed.signal) == (None, None)  # a failure's code only sacct knows
