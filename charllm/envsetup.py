@@ -23,12 +23,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import jinja2
-
 from charllm.backends.base import JobHandle, JobIdentity, JobSpec, JobState, JobStatus
 from charllm.errors import CharllmError, ConfigError
 from charllm.paths import include_dir
-from charllm.render import shell_path
+from charllm.render import shell_path, templates
 from charllm.shell import q
 
 if TYPE_CHECKING:
@@ -82,13 +80,7 @@ def environment_job(runner: CampaignRunner, attempt: int = 1) -> tuple[JobSpec, 
     lock_hash = hashlib.sha256(key.encode()).hexdigest()[:16]
     ident = JobIdentity(ENV_CAMPAIGN, f"env{lock_hash}", 0, attempt)
     gres = cluster.gres_per_node or (None if cluster.gpu_type == "cpu" else "gpu:1")
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(include_dir() / "templates")),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
-    env.filters["q"] = q
+    env = templates()
     script = env.get_template("install.sbatch.j2").render(
         ident=ident, cluster=cluster, env_dir=env_dir, env_sh=shell_path(env_dir), lock_hash=lock_hash,
         packages=cluster.train_packages, pip_args=cluster.pip_args, bootstrap_python=cluster.bootstrap_python,
@@ -194,13 +186,7 @@ def dataset_job(runner: CampaignRunner, attempt: int = 1) -> tuple[JobSpec, str]
     key = hashlib.sha256(key_doc.encode()).hexdigest()[:16]
     ident = JobIdentity(DATA_CAMPAIGN, f"data{key}", 0, attempt)
     python = sys.executable if runner.backend.name == "local" else default_python(cluster)
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(include_dir() / "templates")),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
-    env.filters["q"] = q
+    env = templates()
     script = env.get_template("dataprep.sbatch.j2").render(
         ident=ident, cluster=cluster, key=ds.key, tokenizer=ds.tokenizer, out_sh=out_word,
         python_sh=q(python) if runner.backend.name == "local" else shell_path(python), corpus_words=words,

@@ -20,7 +20,8 @@ from charllm.paths import include_dir
 from charllm.shell import q
 
 
-def _env() -> jinja2.Environment:
+def templates() -> jinja2.Environment:
+    """The job-script templates of ``include/templates``; ``| q`` quotes a value for the shell."""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(include_dir() / "templates")),
         undefined=jinja2.StrictUndefined,
@@ -71,7 +72,7 @@ def render_script(
     launcher = cluster.launcher
     if launcher == "torchrun" and cell.world_size == 1:
         launcher = "python"
-    return _env().get_template("job.sbatch.j2").render(
+    return templates().get_template("job.sbatch.j2").render(
         cell=cell,
         cluster=cluster,
         ident=ident,
