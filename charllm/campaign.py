@@ -253,6 +253,13 @@ class Sweep(_Strict):
         return self
 
 
+class Nightly(_Strict):
+    """What a scheduled run re-measures: the cells matching ``cells``, ``repeats`` new repeats each."""
+
+    cells: str = Field("*", min_length=1, max_length=1024)
+    repeats: int = Field(1, ge=1, le=100)
+
+
 class TimeLimitRule(_Strict):
     """A longer (or shorter) Slurm time limit for the cells whose name matches a glob."""
 
@@ -285,6 +292,8 @@ class Campaign(_Strict):
     include: list[dict[str, Any]] = Field(default_factory=list)
     exclude: list[dict[str, Any]] = Field(default_factory=list)
     references: list[ReferenceBand] = Field(default_factory=list)
+    # scheduled runs re-measure this subset as new repeats (drift across nights)
+    nightly: Nightly = Nightly()
     # per-cell job time limits, first match wins; other cells get the cluster profile's
     time_limits: list[TimeLimitRule] = Field(default_factory=list)
     tags: list[SafeName] = Field(default_factory=list)

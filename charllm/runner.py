@@ -118,11 +118,25 @@ class CampaignRunner:
             self.lc.name, self.lc.source, [(c.cell_id, c.name, c.model_dump(mode="json")) for c in self.lc.cells]
         )
 
-    def plan(self, pattern: str | None = None, repeats: int | None = None, force: bool = False) -> list[dict[str, Any]]:
-        """Cell repeats to run: selected by ``pattern``, minus those with valid results."""
+    def plan(
+        self, pattern: str | None = None, repeats: int | None = None, force: bool = False, append: bool = False
+    ) -> list[dict[str, Any]]:
+        """Cell repeats to run: selected by ``pattern``, minus those with valid results.
+
+        ``append`` (a nightly re-run) plans ``repeats`` new repeats of each selected cell,
+        numbered after the highest repeat it has, so every night adds measurements and none
+        replaces another.
+        """
         self.register()
         reps = repeats or self.lc.campaign.repeats
         items = []
+        if append:
+            for cell in self.lc.select(pattern):
+                first = max((a.repeat for a in self.catalog.attempts(cell_id=cell.cell_id)), default=-1) + 1
+                for r in range(first, first + reps):
+                    items.append({"cell_id": cell.cell_id, "repeat": r, "name": cell.name, "force": False})
+            log.info("appending %d new repeat(s) per cell to %d cell(s)", reps, len(items) // max(reps, 1))
+            return items
         for cell in self.lc.select(pattern):
             for r in range(reps):
                 done = self.catalog.valid_result(cell.cell_id, r)

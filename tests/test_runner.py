@@ -80,6 +80,17 @@ def test_failed_cell_keeps_other_cells_results(charllm_home):
     again = runner.plan("tiny-tp1pp1dp1-mb*-00000")
     assert [i["cell_id"] for i in again] == [bad["cell_id"]]
 
+    # a nightly re-run appends new repeats after the highest one each cell has, done or not
+    nightly = runner.plan("tiny-tp1pp1dp1-mb*-00000", repeats=2, append=True)
+    assert sorted((i["cell_id"], i["repeat"]) for i in nightly) == sorted(
+        (c, r) for c in (good["cell_id"], bad["cell_id"]) for r in (1, 2)
+    )
+    h_night = runner.ensure_submitted(good["cell_id"], 1, "nightly")
+    assert runner.finish(h_night, _wait(runner, h_night.job_id))["outcome"] == "ok"
+    cells = pd.read_parquet(runner.aggregate()["cells_table"])
+    assert sorted(cells.loc[cells["cell_id"] == good["cell_id"], "repeat"]) == [0, 1]  # both nights kept
+    assert [i["repeat"] for i in runner.plan(good["cell_id"], append=True)] == [2]
+
 
 def test_ensure_submitted_reattaches_and_never_duplicates(charllm_home):
     runner = CampaignRunner.from_file(REPO / "include/campaigns/demo.yaml", catalog=Catalog())

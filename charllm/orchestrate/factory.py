@@ -83,6 +83,9 @@ def campaign_dag(campaign_file: str | Path) -> DAG:
                              description="Render the job scripts only; submit nothing."),
             "force": Param(False, type="boolean", title="Force re-run",
                            description="Run cells again even if they already have valid results."),
+            "append": Param(False, type="boolean", title="Append repeats",
+                            description="Re-measure: add Repeats new repeats of each selected cell (what a "
+                                        "scheduled run does with the campaign's nightly cells)."),
         },
         render_template_as_native_obj=True,
     ) as dag:
@@ -109,7 +112,13 @@ def campaign_dag(campaign_file: str | Path) -> DAG:
             ctx = get_current_context()
             p = ctx["params"]
             runner = runner_for(src)
-            items = runner.plan(p.get("cells"), int(p.get("repeats") or camp.repeats), bool(p.get("force")))
+            run_type = str(getattr(ctx.get("dag_run"), "run_type", "") or "")
+            if run_type.lower().endswith("scheduled"):  # a nightly run: re-measure the nightly subset
+                log.info("scheduled run: %d new repeat(s) of cells %r", camp.nightly.repeats, camp.nightly.cells)
+                items = runner.plan(camp.nightly.cells, camp.nightly.repeats, append=True)
+            else:
+                items = runner.plan(p.get("cells"), int(p.get("repeats") or camp.repeats), bool(p.get("force")),
+                                    append=bool(p.get("append")))
             log.info("%d cell repeat(s) to run: %s", len(items), ", ".join(f"{i['name']}#r{i['repeat']}" for i in items))
             return items
 
