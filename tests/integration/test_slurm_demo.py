@@ -28,11 +28,17 @@ def _include_copy(tmp: Path) -> tuple[Path, str]:
     """include/ with demo_slurm renamed for this run; returns (folder, campaign name)."""
     inc = tmp / "include"
     shutil.copytree(REPO / "include", inc)
-    name = f"demo_slurm_{uuid.uuid4().hex[:8]}"
+    suffix = uuid.uuid4().hex[:8]
+    name = f"demo_slurm_{suffix}"
     camp = inc / "campaigns" / "demo_slurm.yaml"
     text = camp.read_text()
-    assert "\nname: demo_slurm\n" in text
-    camp.write_text(text.replace("\nname: demo_slurm\n", f"\nname: {name}\n"))
+    assert "\nname: demo_slurm\n" in text and "\ndataset:" not in text
+    # the cells train on the shipped corpus, prepared on the cluster by the dataset job
+    text = text.replace("\nname: demo_slurm\n", f"\nname: {name}\n") + (
+        "\ndataset:\n  kind: indexed\n  tokenizer: bytes\n"
+        f"  path: charllm-data-{suffix}\n  corpus: [data/corpus/distributed-training.txt]\n"
+    )
+    camp.write_text(text)
     return inc, name
 
 
@@ -77,6 +83,8 @@ def test_demo_campaign_on_slurm_through_airflow(tmp_path, dev_cluster):
         pytest.fail("DAG run failed\n" + "\n".join(ended) + "\n--- errors ---\n" + "\n".join(problems[-40:])
                     + "\n--- log tail ---\n" + log[-6000:])
     assert "charllm: environment ready" in log or "was built by job" in log
+    # the dataset was tokenized and indexed by a Slurm job, whose output reached the log
+    assert "dataset job" in log and "submitted (key" in log and "--- dataset job" in log
     assert len(attempts) == 4
     assert {a.outcome for a in attempts} == {"ok"}, [(a.outcome, a.message) for a in attempts]
     assert all(a.job_id and a.job_id.isdigit() for a in attempts)
@@ -92,4 +100,5 @@ def test_demo_campaign_on_slurm_through_airflow(tmp_path, dev_cluster):
     rc, log2 = _airflow(env, "dags", "test", dag_id)
     assert rc == 0, log2[-8000:]
     assert "skipped" in log2 and "0 cell repeat(s) to run" in log2
+    assert "was prepared by job" in log2  # the dataset job is not run again
     assert len(Catalog(f"sqlite:///{home / 'catalog.db'}").attempts(campaign=name)) == 4
