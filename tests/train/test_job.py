@@ -110,7 +110,7 @@ def test_world_size_mismatch_and_megatron_are_clear_failures(tmp_path: Path) -> 
     (tmp_path / "a.json").write_text(json.dumps(two))
     assert run(tmp_path / "a.json", tmp_path / "a", env={}) == FAILED_EXIT_CODE
     assert "launcher started 1 ranks" in json.loads((tmp_path / "a" / "result.json").read_text())["error"]
-    meg = _fast(engine="megatron")
+    meg = _fast(engine="megatron", model={**make_cell()["model"], "num_experts": 4, "top_k": 2})
     (tmp_path / "b.json").write_text(json.dumps(meg))
     assert run(tmp_path / "b.json", tmp_path / "b", env={}) == FAILED_EXIT_CODE
     assert "megatron" in json.loads((tmp_path / "b" / "result.json").read_text())["error"]
