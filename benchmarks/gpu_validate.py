@@ -235,27 +235,38 @@ def sec_overhead(args: argparse.Namespace) -> None:
     t0 = time.time()
     steps(12)  # compile + warm
     log(f"  compile + 12 warm steps: {time.time() - t0:.0f} s")
+    steps(40)  # towards thermal steady state, so drift within the comparison is small
     uuid = cuda_uuid_of(0)
     on_t: list[float] = []
     off_t: list[float] = []
     blocks = []
-    order = ["on", "off", "off", "on"] * 3
+    # ABBA quads of short blocks: each quad's ratio cancels a linear drift (temperature,
+    # clocks under the power cap) between its blocks; the median over quads is the estimate
+    order = ["on", "off", "off", "on"] * 8
     frames = []
     for mode in order:
         if mode == "on":
             s = Sampler([NvmlSource(uuid=uuid), NodeSource()], 20.0, {"host": "x", "rank": 0, "local_rank": 0}).start()
-            ts = steps(10)
+            ts = steps(6)
             s.stop()
             frames.append((s, ts))
             on_t += ts
         else:
-            ts = steps(10)
+            ts = steps(6)
             off_t += ts
         blocks.append((mode, statistics.median(ts)))
     med_on, med_off = statistics.median(on_t), statistics.median(off_t)
-    ratio = med_on / med_off
+    quads = []
+    for i in range(0, len(blocks), 4):
+        q = blocks[i : i + 4]
+        on_ = sum(v for m_, v in q if m_ == "on")
+        off_ = sum(v for m_, v in q if m_ == "off")
+        quads.append(on_ / off_)
+    ratio = statistics.median(quads)
     log("  block medians (s): " + ", ".join(f"{m}:{v:.4f}" for m, v in blocks))
-    log(f"  median on {med_on:.5f} s, off {med_off:.5f} s, ratio {ratio:.4f}; "
+    log("  ABBA quad ratios: " + ", ".join(f"{q:.4f}" for q in quads))
+    log(f"  median quad ratio {ratio:.4f} (min {min(quads):.4f}, max {max(quads):.4f}); ratio of step medians "
+        f"{med_on / med_off:.4f} (on {med_on:.5f} s, off {med_off:.5f} s); "
         f"mean on {statistics.fmean(on_t):.5f}, off {statistics.fmean(off_t):.5f}")  # fmt: skip
     SUMMARY.append(("telemetry overhead: step time with/without sampler", f"{ratio:.4f}", "<= 1.005",
                     verdict(ratio <= 1.005)))  # fmt: skip
@@ -365,24 +376,70 @@ def _short(args: argparse.Namespace, name: str, nproc: int = 1, gb_per_gpu: int 
     return m
 
 
+VARIANTS: dict[str, dict] = {
+    "var-compile": {},
+    "var-compile-fsdp1": {"fsdp": True},
+    "var-compile-noloss": {"compile_loss": False},
+    "var-max-autotune": {"compile_mode": "max-autotune-no-cudagraphs"},
+    "var-flash": {"attn_backend": "flash"},
+    "var-cudnn": {"attn_backend": "cudnn"},
+    "var-fsdp-zero2": {"fsdp": True, "fsdp_reshard_after_forward": False},
+    "var-cudnn-fsdp-zero2": {"fsdp": True, "fsdp_reshard_after_forward": False, "attn_backend": "cudnn"},
+    "var-cudnn-fsdp-zero2-autotune": {"fsdp": True, "fsdp_reshard_after_forward": False, "attn_backend": "cudnn",
+                                      "compile_mode": "max-autotune-no-cudagraphs"},
+}
+
+
 def sec_variants(args: argparse.Namespace) -> None:
-    """MFU of the 1.3B reference under a few engine options (one GPU, gb 32, 8 measured steps)."""
-    log("== variants: GPT-3 1.3B mb 8 gb 32 bf16 on one GPU")
-    variants = [
-        ("var-compile", {}),
-        ("var-compile-fsdp1", {"fsdp": True}),
-        ("var-compile-noloss", {"compile_loss": False}),
-        ("var-max-autotune", {"compile_mode": "max-autotune-no-cudagraphs"}),
-    ]
-    for name, kw in variants:
-        if args.deadline_s - (time.time() - T_START) < 150:
+    """MFU of the 1.3B reference under engine options (one GPU, gb 32, 8 measured steps)."""
+    log(f"== variants: GPT-3 1.3B mb 8 gb 32 bf16 on one GPU: {args.variant_names}")
+    for name in args.variant_names.split(","):
+        if args.deadline_s - (time.time() - T_START) < 70:
             log(f"  {name}: skipped (time)")
             continue
+        kw = dict(VARIANTS[name])
         fsdp = bool(kw.pop("fsdp", False))
         m = _short(args, name, fsdp=fsdp, opt_extra=kw)
         if m is not None:
             args.variants[name] = m
             SUMMARY.append((f"MFU {name}", f"{m.get('mfu', 0):.4f}", ">= 0.60", verdict(m.get("mfu", 0) >= 0.60)))
+
+
+def sec_attn(args: argparse.Namespace) -> None:
+    """SDPA forward+backward per backend at the reference cell's attention shape."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b, h, s, d = 8, 16, 2048, 128
+    log(f"== attn: causal SDPA fwd+bwd, bf16, (b, heads, seq, head_dim) = ({b}, {h}, {s}, {d})")
+    flops = 4 * b * h * s * s * d / 2 * 3.5  # causal fwd (QK^T, PV) + bwd at 2.5x fwd
+    q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    ref = None
+    for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                     ("efficient", SDPBackend.EFFICIENT_ATTENTION)):  # fmt: skip
+        try:
+            with sdpa_kernel([be]):
+                for _ in range(3):
+                    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                    out.backward(torch.ones_like(out))
+                torch.cuda.synchronize()
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                n = 20
+                for _ in range(n):
+                    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                    out.backward(torch.ones_like(out))
+                e1.record()
+                torch.cuda.synchronize()
+            ms = e0.elapsed_time(e1) / n
+            o = out.detach().float()
+            ref = o if ref is None else ref
+            rel = float((o - ref).norm() / ref.norm())
+            log(f"  {name:10s} {ms:7.3f} ms  {flops / ms / 1e9:6.1f} TFLOP/s  rel diff to flash {rel:.2e}")
+        except RuntimeError as e:
+            log(f"  {name:10s} unavailable: {str(e).splitlines()[0][:160]}")
+        q.grad = k.grad = v.grad = None
 
 
 def sec_scale(args: argparse.Namespace) -> None:
@@ -480,7 +537,7 @@ def sec_multi(args: argparse.Namespace) -> None:
 
 
 SECTIONS = {"ref": sec_ref, "overhead": sec_overhead, "replay": sec_replay, "oom": sec_oom, "modes": sec_modes,
-            "variants": sec_variants, "scale": sec_scale, "scale_ablate": sec_scale_ablate,
+            "variants": sec_variants, "attn": sec_attn, "scale": sec_scale, "scale_ablate": sec_scale_ablate,
             "multi": sec_multi}  # fmt: skip
 # the least a section needs (s); it is skipped when less than this is left of --deadline-s
 MIN_S = {"multi": 60,
@@ -489,7 +546,8 @@ MIN_S = {"multi": 60,
     "replay": 40,
     "oom": 30,
     "modes": 90,
-    "variants": 150,
+    "variants": 70,
+    "attn": 20,
     "scale": 150,
     "scale_ablate": 150,
 }
@@ -500,6 +558,8 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--sections", default="ref,overhead,replay,oom,modes")
     ap.add_argument("--deadline-s", type=float, default=560.0)
+    ap.add_argument("--variants", dest="variant_names", default="var-compile,var-compile-fsdp1,var-compile-noloss,"
+                    "var-max-autotune", help="comma list of VARIANTS names for the variants section")  # fmt: skip
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ ENGINES = ("torch", "megatron")
 PRECISIONS = ("bf16", "fp32")
 GPU_TYPES = ("cpu", "h100", "h200", "a100")  # a100: the campaign models allow it
 DATASET_KINDS = ("synthetic", "indexed")
+ATTN_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,14 @@ class OptSpec:
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode for the blocks, e.g. max-autotune-no-cudagraphs
     compile_loss: bool = True  # with compile: also compile the float32 cross entropy
+    # scaled_dot_product_attention backend on GPU: auto (torch's choice) | flash | cudnn |
+    # efficient | math. A named one is the only one enabled: a shape it cannot run fails loudly.
+    attn_backend: str = "auto"
+    # bf16 runs on one GPU (no tp/pp/dp): "auto"/"on" hold bf16 compute copies of the weights
+    # through FSDP2 on a one-rank mesh (fp32 master weights and gradient accumulation, one cast
+    # per optimizer step instead of autocast's per micro batch); "off" keeps plain autocast.
+    # On an H200 at its 700 W cap: MFU 0.598-0.601 against 0.593 (docs/gpu/README.md).
+    bf16_params: str = "auto"
     profile: bool = False
     profile_steps: int = 3
     # DistributedDataParallel bucket_cap_mb (overlapped DDP only). 200, not torch's 25: on 2 x H200
@@ -180,6 +189,8 @@ class CellSpec:
         _one_of("gpu_type", self.gpu_type, GPU_TYPES)
         _one_of("dataset.kind", self.dataset.kind, DATASET_KINDS)
         _one_of("opt.pp_schedule", self.opt.pp_schedule, ("gpipe", "1f1b"))
+        _one_of("opt.attn_backend", self.opt.attn_backend, ATTN_BACKENDS)
+        _one_of("opt.bf16_params", self.opt.bf16_params, ("auto", "on", "off"))
         _one_of(
             "opt.compile_mode",
             self.opt.compile_mode,

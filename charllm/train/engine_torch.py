@@ -14,6 +14,8 @@ with ``to_empty`` and initialised, so no rank ever holds more than its shard:
   flat buckets, not overlapped.
 - PP: ``torch.distributed.pipelining`` with a ``PipelineStage`` per rank and a GPipe or
   1F1B schedule whose micro batches are the cell's gradient-accumulation micro batches.
+- One GPU in bf16 (``opt.bf16_params``, on by default on CUDA): FSDP2 on the one-rank mesh,
+  which holds bf16 compute copies of the fp32 weights, gathered once per optimizer step.
 - ``opt.recompute``: full activation recompute of every block (``torch.utils.checkpoint``).
 - ``opt.compile``: ``torch.compile`` of each block in place (one graph, reused by all blocks).
 
@@ -91,6 +93,24 @@ def allreduce_grads(params: list[nn.Parameter], group: Any, group_size: int, buc
                 dst.copy_(src)
 
 
+def select_attention_backend(name: str, device: torch.device) -> str:
+    """Enable only the named SDPA backend on a CUDA device; returns what the job will use.
+
+    Global flags, not a context manager: ``torch.compile`` picks the backend when it traces,
+    and pipeline or recompute code paths call attention outside any one context.
+    """
+    if device.type != "cuda":
+        return "auto (cpu)"
+    if name == "auto":
+        return "auto"
+    cuda = torch.backends.cuda
+    cuda.enable_flash_sdp(name == "flash")
+    cuda.enable_cudnn_sdp(name == "cudnn")
+    cuda.enable_mem_efficient_sdp(name == "efficient")
+    cuda.enable_math_sdp(name == "math")
+    return name
+
+
 def _is_dtensor(t: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
@@ -122,6 +142,7 @@ class TorchEngine:
         self.first = self.pp_rank == 0
         self.last = self.pp_rank == p.pp - 1
         autocast = torch.bfloat16 if cell.precision == "bf16" else None
+        self.attn_backend = select_attention_backend(cell.opt.attn_backend, device)
         layers = split_layers(cell.model.n_layers, p.pp)[self.pp_rank]
 
         with torch.device("meta"):
@@ -147,7 +168,15 @@ class TorchEngine:
             if cell.opt.compile_loss and self.last:
                 # fuses the float32 upcast of the logits with log-softmax and its backward
                 self.loss_fn = torch.compile(loss_fn)
-        if p.fsdp:
+        # one GPU, bf16: FSDP2 over the one-rank dp mesh is mixed precision with bf16 weights
+        self.bf16_params = (
+            cell.opt.bf16_params != "off"
+            and autocast is not None
+            and not p.fsdp
+            and p.world_size == 1
+            and (device.type == "cuda" or cell.opt.bf16_params == "on")
+        )
+        if p.fsdp or self.bf16_params:
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if autocast else None
@@ -155,7 +184,7 @@ class TorchEngine:
             if mp is not None:
                 kw["mp_policy"] = mp
             # with pipelining, or when asked, keep params gathered across micro batches
-            reshard = p.pp == 1 and cell.opt.fsdp_reshard_after_forward
+            reshard = p.pp == 1 and cell.opt.fsdp_reshard_after_forward and not self.bf16_params
             for block in model.layers.values():
                 fully_shard(block, reshard_after_forward=reshard, **kw)
             fully_shard(model, reshard_after_forward=reshard, **kw)
@@ -166,7 +195,7 @@ class TorchEngine:
         self.stage_model = model
 
         self.grad_sync = "none"
-        if p.fsdp:
+        if p.fsdp or self.bf16_params:
             self.grad_sync = "fsdp2"
         elif p.dp > 1 and p.tp == 1 and p.pp == 1 and cell.opt.overlap:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -240,7 +269,7 @@ class TorchEngine:
                 ctx = self.model.no_sync()  # type: ignore[operator]
             if self.grad_sync == "fsdp2":
                 self.model.set_requires_gradient_sync(last)  # type: ignore[operator]
-                if not self.cell.opt.fsdp_reshard_after_forward:
+                if not self.cell.opt.fsdp_reshard_after_forward or self.bf16_params:
                     self.model.set_reshard_after_backward(last)  # type: ignore[operator]
             with ctx:
                 loss = self.loss_fn(self.model(x), y) / self.accum
@@ -301,6 +330,8 @@ class TorchEngine:
                 else False
             ),
             "recompute": "full (every block)" if self.cell.opt.recompute else "none",
+            "attention": f"sdpa {self.attn_backend}",
+            "params": "bf16 compute copies via FSDP2 (1 rank), fp32 master" if self.bf16_params else "fp32 (autocast)",
             "params_local": self.n_params_local,
         }
 

@@ -63,3 +63,21 @@ def test_two_process_mode_trains(case: str, tmp_path: Path) -> None:
             text = (out / f"kernels_rank{r}.csv").read_text()
             assert text.startswith("category,time_s,fraction,count")
             assert "send/recv" in text
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_one_gpu_bf16_params(mode: str, tmp_path: Path) -> None:
+    """bf16 weights through FSDP2 on a one-rank mesh (the GPU default) train like autocast."""
+    cell = make_cell(precision="bf16", steps=8, warmup={"min_steps": 1, "max_steps": 3, "step_time_cv": 0.5})
+    cell["opt"].update({"lr": 1e-2, "bf16_params": mode, "attn_backend": "cudnn"})
+    p = launch(cell, tmp_path, timeout_s=120)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    res = json.loads((tmp_path / "result.json").read_text())
+    m, eng = res["metrics"], res["provenance"]["engine"]
+    assert res["outcome"] == "ok"
+    assert m["loss_last"] < m["loss_first"] - 0.05, (m["loss_first"], m["loss_last"])
+    assert eng["attention"] == "sdpa auto (cpu)"  # backend flags apply to CUDA devices only
+    if mode == "on":
+        assert eng["grad_sync"] == "fsdp2" and eng["params"].startswith("bf16")
+    else:
+        assert eng["grad_sync"] == "none" and eng["params"] == "fp32 (autocast)"
