@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -102,3 +104,75 @@ def test_demo_campaign_on_slurm_through_airflow(tmp_path, dev_cluster):
     assert "skipped" in log2 and "0 cell repeat(s) to run" in log2
     assert "was prepared by job" in log2  # the dataset job is not run again
     assert len(Catalog(f"sqlite:///{home / 'catalog.db'}").attempts(campaign=name)) == 4
+
+
+def _wait_for_a_job_id(catalog_url: str, campaign: str, timeout_s: float) -> list[str]:
+    """Poll the results catalog until some cell attempt of ``campaign`` has a Slurm job id."""
+    from sqlalchemy.exc import OperationalError
+
+    from charllm.catalog import Catalog
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ids = [a.job_id for a in Catalog(catalog_url).attempts(campaign=campaign) if a.job_id]
+        except OperationalError:  # the catalog's tables are created by the DAG's first task
+            ids = []
+        if ids:
+            return ids
+        time.sleep(0.5)
+    return []
+
+
+def test_orchestrator_killed_mid_campaign_resumes_without_duplicate_jobs(tmp_path, dev_cluster):
+    """SIGKILL the whole Airflow process group while cells run; a new run re-attaches.
+
+    The cluster keeps running the jobs (they are batch jobs, not children of the SSH
+    session); the next DAG run finds each cell's live or finished job by its identity,
+    submits nothing twice, and records each result once.
+    """
+    inc = tmp_path / "include"
+    shutil.copytree(REPO / "include", inc)
+    name = f"demo_slurm_kill_{uuid.uuid4().hex[:8]}"
+    camp = inc / "campaigns" / "demo_slurm.yaml"
+    camp.write_text(camp.read_text().replace("\nname: demo_slurm\n", f"\nname: {name}\n"))
+    dag_id = f"charllm_{name}"
+    env = _env(tmp_path, dev_cluster.env)
+    rc, log = _airflow(env, "db", "migrate")
+    assert rc == 0, log[-3000:]
+    catalog_url = f"sqlite:///{Path(env['CHARLLM_HOME']) / 'catalog.db'}"
+
+    first_log = tmp_path / "first-run.log"
+    with first_log.open("w") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "airflow"), "dags", "test", dag_id],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            seen = _wait_for_a_job_id(catalog_url, name, timeout_s=900)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # scheduler, task code and triggers: all of it
+            proc.wait(timeout=60)
+    assert seen, "no cell was submitted before the deadline:\n" + first_log.read_text()[-4000:]
+    print(f"killed the orchestrator with job(s) {seen} submitted")
+
+    rc, log2 = _airflow(env, "dags", "test", dag_id)
+    from charllm.catalog import Catalog
+
+    attempts = Catalog(catalog_url).attempts(campaign=name)
+    assert rc == 0, [(a.cell_id, a.attempt, a.outcome, a.message) for a in attempts] + [log2[-6000:]]
+    assert "re-attach" in log2, log2[-6000:]
+    # one attempt per cell, each with a result; the jobs seen before the kill are among them
+    assert len(attempts) == 4 and {a.attempt for a in attempts} == {1}
+    assert {a.outcome for a in attempts} == {"ok"}
+    assert set(seen) <= {a.job_id for a in attempts}
+    # the cluster ran exactly one job per cell attempt
+    acct = dev_cluster.slurm("sacct", "-a", "-X", "-n", "-P", "-S", "now-1days", "-o", "JobName,JobID,State")
+    jobs = [ln.split("|") for ln in acct.splitlines() if ln.startswith(f"charllm.{name}.")]
+    names = [j[0] for j in jobs if ".data" not in j[0]]
+    print("\n".join("|".join(j) for j in jobs))
+    assert len(names) == 4 and len(set(names)) == 4, jobs
+    import pandas as pd
+
+    cells = pd.read_parquet(Path(env["CHARLLM_HOME"]) / "tables" / name / "cells.parquet")
+    assert len(cells) == 4 and not cells.duplicated(["cell_id", "repeat"]).any()
