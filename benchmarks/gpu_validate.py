@@ -72,6 +72,7 @@ def cell(
     gpu_type: str = "h100",
     name: str = "",
     opt_extra: dict | None = None,
+    engine: str = "torch",
 ) -> dict:
     shape = modelcat.get(model, layers)
     return {
@@ -94,7 +95,7 @@ def cell(
         },
         "steps": steps,
         "warmup": warmup,
-        "engine": "torch",
+        "engine": engine,
         "precision": precision,
         "dataset": {"kind": "synthetic", "path": None},
         "telemetry": {"hz": 20},
@@ -536,8 +537,40 @@ def sec_multi(args: argparse.Namespace) -> None:
         SUMMARY.append((f"NCCL {c['name']}", f"rc {rc}", "ok", verdict(ok)))
 
 
+def sec_megatron(args: argparse.Namespace) -> None:
+    """The megatron-core engine (GPTModel, local layer spec, SDPA core attention) on one GPU."""
+    try:
+        import megatron.core  # noqa: F401
+    except ImportError as e:
+        log(f"== megatron: skipped, megatron-core not importable ({e})")
+        SUMMARY.append(("megatron engine", "not installed", "", "n/a"))
+        return
+    log("== megatron: GPT-3 1.3B mb 8 gb 32 bf16 (eager: the engine refuses compile) through python -m charllm.train")
+    w = {"min_steps": 4, "max_steps": 10, "step_time_cv": 0.02, "temp_slope_c_per_s": 1.0, "temp_window_s": 5.0}
+    runs = [
+        cell("gpt3-1.3b", mb=8, gb=32, seq=2048, steps=6, compile_=False, engine="megatron",
+             gpu_type=args.gpu_type, name="megatron-gpt3-1.3b", warmup=w),
+        cell("gpt3-1.3b", mb=8, gb=32, seq=2048, steps=6, compile_=False, recompute=True, engine="megatron",
+             gpu_type=args.gpu_type, name="megatron-gpt3-1.3b-recompute", warmup=w),
+        cell("gpt3-1.3b", mb=8, gb=32, seq=2048, steps=6, compile_=False, gpu_type=args.gpu_type,
+             name="torch-eager-gpt3-1.3b", warmup=w),
+    ]  # fmt: skip
+    for c in runs:
+        rc, res, text = run_job(c, args.work / c["name"], timeout_s=200)
+        ok = res is not None and res["outcome"] == "ok"
+        if ok:
+            m = res["metrics"]
+            log(f"  {c['name']}: step {m['step_time_median_s']:.4f} s, mfu {m.get('mfu', 0):.4f}, hfu {m.get('hfu')}, "
+                f"loss {m['loss_first']:.3f} -> {m['loss_last']:.3f}, {m.get('avg_power_w', 0):.0f} W, "
+                f"mem {m.get('max_memory_allocated_bytes', 0) / 2**30:.1f} GiB, engine {res['provenance']['engine']}")  # fmt: skip
+            SUMMARY.append((f"MFU {c['name']}", f"{m.get('mfu', 0):.4f}", "runs", "PASS"))
+        else:
+            log(text[-3000:])
+            SUMMARY.append((c["name"], f"rc {rc}", "ok", "FAIL"))
+
+
 SECTIONS = {"ref": sec_ref, "overhead": sec_overhead, "replay": sec_replay, "oom": sec_oom, "modes": sec_modes,
-            "variants": sec_variants, "attn": sec_attn, "scale": sec_scale, "scale_ablate": sec_scale_ablate,
+            "variants": sec_variants, "attn": sec_attn, "megatron": sec_megatron, "scale": sec_scale, "scale_ablate": sec_scale_ablate,
             "multi": sec_multi}  # fmt: skip
 # the least a section needs (s); it is skipped when less than this is left of --deadline-s
 MIN_S = {"multi": 60,
@@ -548,6 +581,7 @@ MIN_S = {"multi": 60,
     "modes": 90,
     "variants": 70,
     "attn": 20,
+    "megatron": 120,
     "scale": 150,
     "scale_ablate": 150,
 }
