@@ -182,6 +182,19 @@ def test_cancel_pending_and_running(backend: SlurmBackend, submit: Callable[...,
     backend.cancel(run.job_id)  # cancelling an ended job is not an error
 
 
+def test_trigger_on_kill_scancels_the_waiting_job(backend: SlurmBackend, submit: Callable[..., JobHandle]) -> None:
+    """Clearing or marking failed a deferred wait task: the triggerer calls on_kill, which scancels."""
+    from charllm.orchestrate.triggers import JobTrigger
+
+    run = submit(ident("trigger-kill"), script("sleep 600"))
+    wait(backend, run.job_id, running, timeout_s=90)
+    trigger = JobTrigger(backend.spec(), run.job_id, 1.0, handle=run.as_dict())
+    _, kwargs = trigger.serialize()
+    asyncio.run(JobTrigger(**kwargs).on_kill())  # as the triggerer rebuilds it from the database
+    st = wait(backend, run.job_id, terminal)
+    assert st.state is JobState.CANCELLED
+
+
 def test_statuses_of_20_jobs_in_one_query(backend: SlurmBackend, submit: Callable[..., JobHandle]) -> None:
     handles = [submit(ident(f"many{i:02d}"), script("true", "--begin=now+1hour")) for i in range(20)]
     ids = [h.job_id for h in handles]
