@@ -191,6 +191,10 @@ def sec_ref(args: argparse.Namespace) -> None:
     thr = {k: v for k, v in m.items() if k.startswith("throttle_") and v}
     log(f"  throttle (s): {thr}")
     log(f"  warmup: {json.dumps(res['provenance']['warmup'])}")
+    log(f"  zeus window in the job ({res['provenance']['telemetry'].get('zeus')}): {m.get('zeus_window_s')} s, "
+        f"gpu {m.get('zeus_gpu_energy_j')} J, cpu {m.get('zeus_cpu_energy_j')} J, zeus/sampled {m.get('zeus_over_sampled')}")
+    zr = m.get("zeus_over_sampled", float("nan"))
+    SUMMARY.append(("job's Zeus window / sampled integral (ref)", f"{zr:.4f}", "within 1 %", verdict(abs(zr - 1) <= 0.01)))
     mfu = m.get("mfu", 0.0)
     SUMMARY.append(("MFU gpt3-1.3b (compiled, bf16)", f"{mfu:.3f}", ">= 0.60", verdict(mfu >= 0.60)))
     ratio = m.get("energy_counter_over_sampled", float("nan"))
@@ -322,6 +326,13 @@ def sec_replay(args: argparse.Namespace) -> None:
         m = res["metrics"]
         log(f"  mfu {m.get('mfu')}, samples {m.get('telemetry_samples')}, energy ratio "
             f"{m.get('energy_counter_over_sampled')}")  # fmt: skip
+        log(f"  zeus window in the job ({res['provenance']['telemetry'].get('zeus')}): "
+            f"{m.get('zeus_window_s')} s, gpu {m.get('zeus_gpu_energy_j')} J, cpu {m.get('zeus_cpu_energy_j')} J; "
+            f"sampled gpu {m.get('energy_gpu_j')} J, counter {m.get('energy_counter_j')} J; zeus/sampled "
+            f"{m.get('zeus_over_sampled')}")  # fmt: skip
+        zr = m.get("zeus_over_sampled", float("nan"))
+        SUMMARY.append(("job's Zeus window / sampled integral (125M)", f"{zr:.4f}", "within 5 %",
+                        verdict(abs(zr - 1) <= 0.05)))  # fmt: skip
     SUMMARY.append(("replay-data run (125M) through the entry point", f"rc {rc}", "ok", verdict(ok)))
 
 

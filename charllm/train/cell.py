@@ -109,6 +109,7 @@ class CellSpec:
     gpu_type: str
     world_size: int
     extra: dict[str, Any] = field(default_factory=dict)
+    telemetry_zeus: str = "auto"  # a ZeusMonitor window over the measured steps: auto | on | off
 
     @property
     def grad_accum(self) -> int:
@@ -121,7 +122,7 @@ class CellSpec:
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["telemetry"] = {"hz": d.pop("telemetry_hz")}
+        d["telemetry"] = {"hz": d.pop("telemetry_hz"), "zeus": d.pop("telemetry_zeus")}
         return d
 
     @classmethod
@@ -174,6 +175,7 @@ class CellSpec:
             precision=_typed(raw, "precision", str),
             dataset=dataset,
             telemetry_hz=float(_typed(telemetry, "hz", (int, float), 20.0)),
+            telemetry_zeus=_typed(telemetry, "zeus", str, "auto"),
             gpu_type=_typed(raw, "gpu_type", str),
             world_size=_typed(raw, "world_size", int, parallel.world_size),
             extra={k: v for k, v in raw.items() if k not in known},
@@ -190,6 +192,7 @@ class CellSpec:
         _one_of("dataset.kind", self.dataset.kind, DATASET_KINDS)
         _one_of("opt.pp_schedule", self.opt.pp_schedule, ("gpipe", "1f1b"))
         _one_of("opt.attn_backend", self.opt.attn_backend, ATTN_BACKENDS)
+        _one_of("telemetry.zeus", self.telemetry_zeus, ("auto", "on", "off"))
         _one_of("opt.bf16_params", self.opt.bf16_params, ("auto", "on", "off"))
         _one_of(
             "opt.compile_mode",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import socket
@@ -31,6 +32,11 @@ def software() -> dict[str, Any]:
         "cuda_runtime": torch.version.cuda,
         "charllm": getattr(charllm, "__version__", ""),
     }
+    for key, dist_name in (("zeus", "zeus"), ("megatron_core", "megatron-core"), ("nvidia_ml_py", "nvidia-ml-py")):
+        try:  # installed distributions, read without importing them
+            out[key] = importlib.metadata.version(dist_name)
+        except importlib.metadata.PackageNotFoundError:
+            out[key] = None
     if torch.cuda.is_available():
         try:
             v = torch.cuda.nccl.version()

@@ -67,6 +67,8 @@ class Job:
         self.cell, self.denv, self.out = cell, denv, out
         self.rank = denv.rank
         self.started_unix_s = time.time()
+        self.zeus_totals: dict[str, float] = {}
+        self.zeus_note = "off"
 
     # ---- telemetry -----------------------------------------------------------------------
     def _start_sampler(self, device: Any) -> tuple[Any, Path, bool]:
@@ -128,8 +130,13 @@ class Job:
                 f"world {denv.world_size} on {device.type}; grad_sync {engine.grad_sync}, accum {engine.accum}"
             )
         sampler, tele_path, is_gpu = self._start_sampler(device)
+        from charllm.telemetry.zeus_window import ZeusWindow
+
+        zeus_window, self.zeus_note = ZeusWindow.create(
+            cell.telemetry_zeus, device.index if device.type == "cuda" else None, denv.local_rank == 0
+        )
         try:
-            records = self._train(engine, sampler, is_gpu)
+            records = self._train(engine, sampler, is_gpu, zeus_window)
         finally:
             sampler.stop()
         sampler.write_parquet(tele_path)
@@ -173,6 +180,7 @@ class Job:
                 getattr(gpu_src, "info", {}),
             ),
             "engine": engine.describe(),
+            "zeus": self.zeus_totals,
         }
         gathered: list[Any] = [None] * denv.world_size
         dist.all_gather_object(gathered, mine)
@@ -181,7 +189,7 @@ class Job:
         dist.barrier()
         dist.destroy_process_group()
 
-    def _train(self, engine: Any, sampler: Any, is_gpu: bool) -> list[StepRecord]:
+    def _train(self, engine: Any, sampler: Any, is_gpu: bool, zeus_window: Any = None) -> list[StepRecord]:
         import torch.distributed as dist
 
         cell = self.cell
@@ -192,6 +200,8 @@ class Job:
         measured, step = 0, 0
         tokens = cell.tokens_per_step
         dist.barrier()
+        if not in_warmup and zeus_window is not None:
+            zeus_window.begin()
         prev_end = time.time()
         while True:
             t_start = prev_end
@@ -215,11 +225,15 @@ class Job:
             if in_warmup:
                 if wm.update(step_max_s, slope_max):
                     in_warmup = False
+                    if zeus_window is not None:
+                        zeus_window.begin()
                     if self.rank == 0:
                         _log(f"warm-up over after {step} steps ({wm.reason}); measuring {cell.steps} steps")
             else:
                 measured += 1
                 if measured >= cell.steps:
+                    if zeus_window is not None:
+                        self.zeus_totals = zeus_window.end()
                     return records
 
     def _profile(self, engine: Any, first_step: int, device: Any) -> None:
@@ -276,6 +290,9 @@ class Job:
             for k in ("avg_cpu_util_pct", "peak_mem_used_bytes", "sampling_rate_min_hz", "telemetry_samples"):
                 if k in tele:
                     metrics[f"node_{k}"] = tele[k]
+        from charllm.telemetry.zeus_window import combine_zeus
+
+        metrics.update(combine_zeus([g["zeus"] for g in gathered], metrics.get("energy_gpu_j")))
         mems = [g["memory"] for g in gathered]
         per_rank: dict[str, Any] = {}
         if any(mems):
@@ -307,6 +324,7 @@ class Job:
                 "hz": cell.telemetry_hz,
                 "gpu": is_gpu,
                 "per_rank": [{"rank": g["rank"], **g["telemetry"]} for g in gathered],
+                "zeus": self.zeus_note,
             },
             "started_unix_s": self.started_unix_s,
             "finished_unix_s": time.time(),

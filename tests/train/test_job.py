@@ -66,6 +66,10 @@ def test_single_rank_cli_writes_result_steps_and_node_telemetry(tmp_path: Path) 
     meas = [r for r in rows if r["phase"] == "measure"]
     t0, t1 = prov["measure_window_unix_s"]
     assert t1 - t0 == pytest.approx(sum(float(r["duration_s"]) for r in meas), abs=1e-4)
+    # upstream Zeus measured the same steps (time only: no GPU, no RAPL here)
+    assert prov["telemetry"]["zeus"].startswith("zeus 0.16") and prov["software"]["zeus"] == "0.16.0"
+    assert m["zeus_window_s"] == pytest.approx(t1 - t0, abs=0.05)
+    assert "zeus_gpu_energy_j" not in m
 
     assert not (out / "telemetry" / "rank0.parquet").exists()
     import pandas as pd
