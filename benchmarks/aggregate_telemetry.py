@@ -357,9 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", type=int, default=6000, help="samples per rank (6000 = 5 min at 20 Hz)")
     ap.add_argument("--dir", default=tempfile.gettempdir())
     ap.add_argument("--keep", action="store_true")
-    ap.add_argument(
-        "--compression", default="lz4", help="of our rank files (the job writes lz4)"
-    )
+    ap.add_argument("--compression", default="lz4", help="of our rank files (the job writes lz4)")
     args = ap.parse_args(argv)
     sizes = [int(float(s)) for s in args.sizes.split(",")]
     base = Path(args.dir)

@@ -35,10 +35,14 @@ def main() -> None:
     af = tmp / "airflow-home"
     af.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
-    env.update(AIRFLOW_HOME=str(af), AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "dags"),
-               AIRFLOW__CORE__LOAD_EXAMPLES="False",
-               AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{af / 'airflow.db'}",
-               CHARLLM_HOME=str(tmp / "home"), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+    env.update(
+        AIRFLOW_HOME=str(af),
+        AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "dags"),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{af / 'airflow.db'}",
+        CHARLLM_HOME=str(tmp / "home"),
+        PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
+    )
     airflow = str(Path(sys.executable).parent / "airflow")
     subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True, check=True)
     t0 = time.monotonic()
@@ -71,13 +75,20 @@ def main() -> None:
     n = len(jobs)
     phase = cells_end - cells_start
     print(f"cells: {n}; job run times (s): " + ", ".join(f"{r:.2f}" for r in runs))
-    print(f"sweep phase (first submit -> last collect): {phase:.2f} s; sum of job run times: {sum(runs):.2f} s "
-          f"(jobs run one at a time on the local backend)")
-    print(f"before the first job started: {first_job_start - cells_start:.2f} s; "
-          f"after the last job ended: {cells_end - last_job_end:.2f} s")
+    print(
+        f"sweep phase (first submit -> last collect): {phase:.2f} s; sum of job run times: {sum(runs):.2f} s "
+        f"(jobs run one at a time on the local backend)"
+    )
+    print(
+        f"before the first job started: {first_job_start - cells_start:.2f} s; "
+        f"after the last job ended: {cells_end - last_job_end:.2f} s"
+    )
     print(f"demo DAG wall time (airflow dags test, incl. start-up): {wall:.1f} s")
-    print(f"orchestration overhead per cell ((sweep phase - sum of job run times) / cells): "
-          f"{(phase - sum(runs)) / n:.2f} s (median job run {statistics.median(runs):.2f} s)")
+    print(
+        f"orchestration overhead per cell ((sweep phase - sum of job run times) / cells): "
+        f"{(phase - sum(runs)) / n:.2f} s (median job run {statistics.median(runs):.2f} s)"
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -191,10 +191,14 @@ def sec_ref(args: argparse.Namespace) -> None:
     thr = {k: v for k, v in m.items() if k.startswith("throttle_") and v}
     log(f"  throttle (s): {thr}")
     log(f"  warmup: {json.dumps(res['provenance']['warmup'])}")
-    log(f"  zeus window in the job ({res['provenance']['telemetry'].get('zeus')}): {m.get('zeus_window_s')} s, "
-        f"gpu {m.get('zeus_gpu_energy_j')} J, cpu {m.get('zeus_cpu_energy_j')} J, zeus/sampled {m.get('zeus_over_sampled')}")
+    log(
+        f"  zeus window in the job ({res['provenance']['telemetry'].get('zeus')}): {m.get('zeus_window_s')} s, "
+        f"gpu {m.get('zeus_gpu_energy_j')} J, cpu {m.get('zeus_cpu_energy_j')} J, zeus/sampled {m.get('zeus_over_sampled')}"
+    )
     zr = m.get("zeus_over_sampled", float("nan"))
-    SUMMARY.append(("job's Zeus window / sampled integral (ref)", f"{zr:.4f}", "within 1 %", verdict(abs(zr - 1) <= 0.01)))
+    SUMMARY.append(
+        ("job's Zeus window / sampled integral (ref)", f"{zr:.4f}", "within 1 %", verdict(abs(zr - 1) <= 0.01))
+    )
     mfu = m.get("mfu", 0.0)
     SUMMARY.append(("MFU gpt3-1.3b (compiled, bf16)", f"{mfu:.3f}", ">= 0.60", verdict(mfu >= 0.60)))
     ratio = m.get("energy_counter_over_sampled", float("nan"))
@@ -358,16 +362,23 @@ def sec_modes(args: argparse.Namespace) -> None:
         cell("llama3-8b", layers=2, mb=2, gb=4, seq=4096, steps=5, compile_=True, gpu_type=args.gpu_type,
              name="llama3-8b-L2", warmup=w),
     ]  # fmt: skip
+    _smoke(args, runs, timeout_s=150, label="mode")
+
+
+def _smoke(args: argparse.Namespace, runs: list[dict], timeout_s: float, label: str) -> None:
+    """Run each cell through the entry point; one line each, and a summary row (ok = the job finished ok)."""
     for c in runs:
-        rc, res, text = run_job(c, args.work / c["name"], timeout_s=150)
+        rc, res, text = run_job(c, args.work / c["name"], timeout_s=timeout_s)
         ok = res is not None and res["outcome"] == "ok"
         if ok:
             m = res["metrics"]
-            log(f"  {c['name']}: mfu {m.get('mfu'):.3f} hfu {m.get('hfu')} loss {m['loss_first']:.3f} -> "
-                f"{m['loss_last']:.3f}, mem {m.get('max_memory_allocated_bytes', 0) / 2**30:.1f} GiB")  # fmt: skip
+            log(f"  {c['name']}: step {m['step_time_median_s']:.4f} s, mfu {m.get('mfu', 0):.4f}, hfu {m.get('hfu')}, "
+                f"loss {m['loss_first']:.3f} -> {m['loss_last']:.3f}, {m.get('avg_power_w', 0):.0f} W, "
+                f"mem {m.get('max_memory_allocated_bytes', 0) / 2**30:.1f} GiB, engine {res['provenance']['engine']}")  # fmt: skip
         else:
-            log(text[-2500:])
-        SUMMARY.append((f"mode {c['name']}", f"rc {rc}", "ok", verdict(ok)))
+            log(text[-3000:])
+        SUMMARY.append((f"{label} {c['name']}", f"rc {rc}" + (f", mfu {res['metrics'].get('mfu', 0):.4f}" if ok else ""),
+                        "ok", verdict(ok)))  # fmt: skip
 
 
 SCALE_W = {"min_steps": 4, "max_steps": 8, "step_time_cv": 0.01, "temp_slope_c_per_s": 1.0, "temp_window_s": 5.0}
@@ -397,8 +408,12 @@ VARIANTS: dict[str, dict] = {
     "var-cudnn": {"attn_backend": "cudnn"},
     "var-fsdp-zero2": {"fsdp": True, "fsdp_reshard_after_forward": False},
     "var-cudnn-fsdp-zero2": {"fsdp": True, "fsdp_reshard_after_forward": False, "attn_backend": "cudnn"},
-    "var-cudnn-fsdp-zero2-autotune": {"fsdp": True, "fsdp_reshard_after_forward": False, "attn_backend": "cudnn",
-                                      "compile_mode": "max-autotune-no-cudagraphs"},
+    "var-cudnn-fsdp-zero2-autotune": {
+        "fsdp": True,
+        "fsdp_reshard_after_forward": False,
+        "attn_backend": "cudnn",
+        "compile_mode": "max-autotune-no-cudagraphs",
+    },
 }
 
 
@@ -566,25 +581,15 @@ def sec_megatron(args: argparse.Namespace) -> None:
         cell("gpt3-1.3b", mb=8, gb=32, seq=2048, steps=6, compile_=False, gpu_type=args.gpu_type,
              name="torch-eager-gpt3-1.3b", warmup=w),
     ]  # fmt: skip
-    for c in runs:
-        rc, res, text = run_job(c, args.work / c["name"], timeout_s=200)
-        ok = res is not None and res["outcome"] == "ok"
-        if ok:
-            m = res["metrics"]
-            log(f"  {c['name']}: step {m['step_time_median_s']:.4f} s, mfu {m.get('mfu', 0):.4f}, hfu {m.get('hfu')}, "
-                f"loss {m['loss_first']:.3f} -> {m['loss_last']:.3f}, {m.get('avg_power_w', 0):.0f} W, "
-                f"mem {m.get('max_memory_allocated_bytes', 0) / 2**30:.1f} GiB, engine {res['provenance']['engine']}")  # fmt: skip
-            SUMMARY.append((f"MFU {c['name']}", f"{m.get('mfu', 0):.4f}", "runs", "PASS"))
-        else:
-            log(text[-3000:])
-            SUMMARY.append((c["name"], f"rc {rc}", "ok", "FAIL"))
+    _smoke(args, runs, timeout_s=200, label="megatron section:")
 
 
 SECTIONS = {"ref": sec_ref, "overhead": sec_overhead, "replay": sec_replay, "oom": sec_oom, "modes": sec_modes,
             "variants": sec_variants, "attn": sec_attn, "megatron": sec_megatron, "scale": sec_scale, "scale_ablate": sec_scale_ablate,
             "multi": sec_multi}  # fmt: skip
 # the least a section needs (s); it is skipped when less than this is left of --deadline-s
-MIN_S = {"multi": 60,
+MIN_S = {
+    "multi": 60,
     "ref": 200,
     "overhead": 100,
     "replay": 40,

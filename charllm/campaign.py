@@ -184,8 +184,13 @@ class Dataset(_Strict):
         """What a cell records (and hashes). Synthetic keeps its historical form, so its hashes hold."""
         if self.kind == "synthetic":
             return {"kind": "synthetic", "path": self.path}
-        return {"kind": "indexed", "path": self.data_path, "corpus": list(self.corpus),
-                "tokenizer": self.tokenizer, "key": self.key}
+        return {
+            "kind": "indexed",
+            "path": self.data_path,
+            "corpus": list(self.corpus),
+            "tokenizer": self.tokenizer,
+            "key": self.key,
+        }
 
 
 class ReferenceBand(_Strict):

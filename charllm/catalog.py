@@ -38,6 +38,7 @@ from charllm.paths import catalog_url
 class CatalogError(CharllmError):
     """The catalog could not record something."""
 
+
 VALID_OUTCOMES = ("ok", "oom")  # a cell with one of these is done; oom is a result, not an error
 LIVE_STATES = ("submitted", "running")
 
@@ -173,8 +174,13 @@ class Catalog:
                     n = (last or 0) + 1
                     s.add(
                         AttemptRow(
-                            cell_id=cell_id, repeat=repeat, attempt=n, campaign=campaign, backend=backend,
-                            run_id=run_id, state="reserved",
+                            cell_id=cell_id,
+                            repeat=repeat,
+                            attempt=n,
+                            campaign=campaign,
+                            backend=backend,
+                            run_id=run_id,
+                            state="reserved",
                         )
                     )
                 return n

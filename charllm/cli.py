@@ -1,12 +1,12 @@
 """The command-line twin of the campaign DAGs, for people who script around Airflow.
 
-    charllm validate [FILE...]        check campaign files (all of include/campaigns by default)
-    charllm plan FILE [--cells GLOB]   cells, hashes, which are done, estimated GPU-hours
-    charllm render FILE DEST           write the sbatch scripts without submitting
-    charllm run FILE [--cells GLOB]    run cells now through the campaign's backend (no Airflow)
-    charllm status FILE                attempts and outcomes from the catalog
-    charllm aggregate FILE             build the campaign's Parquet tables
-    charllm figures FILE               draw the campaign's figures
+charllm validate [FILE...]        check campaign files (all of include/campaigns by default)
+charllm plan FILE [--cells GLOB]   cells, hashes, which are done, estimated GPU-hours
+charllm render FILE DEST           write the sbatch scripts without submitting
+charllm run FILE [--cells GLOB]    run cells now through the campaign's backend (no Airflow)
+charllm status FILE                attempts and outcomes from the catalog
+charllm aggregate FILE             build the campaign's Parquet tables
+charllm figures FILE               draw the campaign's figures
 """
 
 from __future__ import annotations
@@ -117,8 +117,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     cat = Catalog()
     names = {c.cell_id: c.name for c in lc.cells}
     for a in cat.attempts(campaign=lc.name):
-        print(f"{names.get(a.cell_id, a.cell_id):<56} r{a.repeat} a{a.attempt} {a.state:<10} {a.outcome or '-':<9} "
-              f"{a.job_id or '-'}")
+        print(
+            f"{names.get(a.cell_id, a.cell_id):<56} r{a.repeat} a{a.attempt} {a.state:<10} {a.outcome or '-':<9} "
+            f"{a.job_id or '-'}"
+        )
     print(cat.summary(lc.name))
     return 0
 
@@ -140,7 +142,9 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="charllm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="charllm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("validate")
     p.add_argument("files", nargs="*")

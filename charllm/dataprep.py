@@ -203,9 +203,13 @@ class IndexedTokens:
         if size < want:
             raise DataPrepError(f"{idx}: {size} bytes, but its header promises {want} ({n_seq} sequences)")
         off = _HEADER.size
-        self.lengths = np.memmap(idx, dtype="<i4", mode="r", offset=off, shape=(n_seq,)) if n_seq else np.zeros(0, "<i4")
+        self.lengths = (
+            np.memmap(idx, dtype="<i4", mode="r", offset=off, shape=(n_seq,)) if n_seq else np.zeros(0, "<i4")
+        )
         off += 4 * n_seq
-        self.pointers = np.memmap(idx, dtype="<i8", mode="r", offset=off, shape=(n_seq,)) if n_seq else np.zeros(0, "<i8")
+        self.pointers = (
+            np.memmap(idx, dtype="<i8", mode="r", offset=off, shape=(n_seq,)) if n_seq else np.zeros(0, "<i8")
+        )
         off += 8 * n_seq
         self.doc_idx = np.memmap(idx, dtype="<i8", mode="r", offset=off, shape=(n_doc,))
         n_tokens = int(np.sum(self.lengths, dtype=np.int64))
@@ -222,7 +226,8 @@ class IndexedTokens:
         self.n_tokens = n_tokens
         self.tokens = (
             np.memmap(bin_, dtype=self.dtype.newbyteorder("<"), mode="r", shape=(n_tokens,))
-            if n_tokens else np.zeros(0, self.dtype)
+            if n_tokens
+            else np.zeros(0, self.dtype)
         )
 
     def __len__(self) -> int:
@@ -250,8 +255,10 @@ class PrepResult:
     def message(self) -> str:
         m = self.manifest
         what = "built" if self.built else "up to date, nothing to do"
-        return (f"charllm-dataprep: {self.out}: {what} ({m['documents']} documents, {m['tokens']} tokens, "
-                f"tokenizer {m['tokenizer']['name']})")
+        return (
+            f"charllm-dataprep: {self.out}: {what} ({m['documents']} documents, {m['tokens']} tokens, "
+            f"tokenizer {m['tokenizer']['name']})"
+        )
 
 
 def _inputs(corpus: Sequence[str]) -> list[tuple[str, bytes, dict[str, Any]]]:
@@ -348,8 +355,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"charllm-dataprep: error: {err}", file=sys.stderr)
         return 2
     print(res.message, flush=True)
-    print(json.dumps({"out": str(res.out), "built": res.built, "tokens": res.manifest["tokens"],
-                      "documents": res.manifest["documents"]}), flush=True)
+    print(
+        json.dumps(
+            {
+                "out": str(res.out),
+                "built": res.built,
+                "tokens": res.manifest["tokens"],
+                "documents": res.manifest["documents"],
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 

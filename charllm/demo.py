@@ -27,13 +27,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"charllm demo: running DAG {dag_id} through Airflow (log: {log_path})", flush=True)
     t0 = time.monotonic()
     with log_path.open("w") as log:
-        proc = subprocess.run(["airflow", "dags", "test", dag_id], stdout=log, stderr=subprocess.STDOUT,
-                              env=os.environ.copy())
+        proc = subprocess.run(
+            ["airflow", "dags", "test", dag_id], stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()
+        )
         if proc.returncode == 0:
             # what the scheduler runs on `aggregate`'s tables Asset event: the figures DAG
             print(f"charllm demo: drawing the figures (DAG {dag_id}_figures)", flush=True)
-            proc = subprocess.run(["airflow", "dags", "test", f"{dag_id}_figures"], stdout=log,
-                                  stderr=subprocess.STDOUT, env=os.environ.copy())
+            proc = subprocess.run(
+                ["airflow", "dags", "test", f"{dag_id}_figures"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=os.environ.copy(),
+            )
     wall = time.monotonic() - t0
     text = log_path.read_text(errors="replace")
     state_line = next((ln for ln in reversed(text.splitlines()) if "state=" in ln and "DagRun" in ln), "")
@@ -45,8 +50,11 @@ def main(argv: list[str] | None = None) -> int:
 
     tables = home() / "tables" / campaign
     cells = pd.read_parquet(tables / "cells.parquet")
-    cols = [c for c in ("cell_name", "repeat", "outcome", "tokens_per_s", "step_time_median_s", "loss_first",
-                        "loss_last") if c in cells.columns]
+    cols = [
+        c
+        for c in ("cell_name", "repeat", "outcome", "tokens_per_s", "step_time_median_s", "loss_first", "loss_last")
+        if c in cells.columns
+    ]
     print()
     print(cells[cols].to_string(index=False))
     figs = sorted((home() / "figures" / campaign).rglob("*.png"), key=lambda p: p.stat().st_mtime)

@@ -73,8 +73,13 @@ def environment_job(runner: CampaignRunner, attempt: int = 1) -> tuple[JobSpec, 
     src = source_tarball()
     lock = lock_text()
     key = json.dumps(
-        {"lock": lock, "packages": cluster.train_packages, "pip": cluster.pip_args, "env": env_dir,
-         "src": hashlib.sha256(src).hexdigest()},
+        {
+            "lock": lock,
+            "packages": cluster.train_packages,
+            "pip": cluster.pip_args,
+            "env": env_dir,
+            "src": hashlib.sha256(src).hexdigest(),
+        },
         sort_keys=True,
     )
     lock_hash = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -82,9 +87,16 @@ def environment_job(runner: CampaignRunner, attempt: int = 1) -> tuple[JobSpec, 
     gres = cluster.gres_per_node or (None if cluster.gpu_type == "cpu" else "gpu:1")
     env = templates()
     script = env.get_template("install.sbatch.j2").render(
-        ident=ident, cluster=cluster, env_dir=env_dir, env_sh=shell_path(env_dir), lock_hash=lock_hash,
-        packages=cluster.train_packages, pip_args=cluster.pip_args, bootstrap_python=cluster.bootstrap_python,
-        gres=gres, smoke_cell=False,
+        ident=ident,
+        cluster=cluster,
+        env_dir=env_dir,
+        env_sh=shell_path(env_dir),
+        lock_hash=lock_hash,
+        packages=cluster.train_packages,
+        pip_args=cluster.pip_args,
+        bootstrap_python=cluster.bootstrap_python,
+        gres=gres,
+        smoke_cell=False,
     )
     files = {"constraints.txt": lock, "charllm-src.tar.gz.b64": base64.b64encode(src).decode() + "\n"}
     return JobSpec(ident, script, files), lock_hash
@@ -107,15 +119,21 @@ def ensure_environment(runner: CampaignRunner) -> dict[str, Any]:
             break
         st = runner.backend.statuses([found.job_id])[found.job_id]
         if st.state is JobState.COMPLETED:
-            log.info("environment %s (lock %s) was built by job %s: skipped", runner.lc.cluster.env_dir,
-                     lock_hash, found.job_id)
+            log.info(
+                "environment %s (lock %s) was built by job %s: skipped",
+                runner.lc.cluster.env_dir,
+                lock_hash,
+                found.job_id,
+            )
             return {"skipped": True, "lock_hash": lock_hash, "job_id": found.job_id}
         if not st.state.is_terminal:
-            log.info("environment job %s (lock %s) is still %s: waiting for it", found.job_id, lock_hash,
-                     st.state.value)
+            log.info(
+                "environment job %s (lock %s) is still %s: waiting for it", found.job_id, lock_hash, st.state.value
+            )
             return {"skipped": False, "lock_hash": lock_hash, "handle": found.as_dict()}
-        log.warning("environment job %s ended %s; trying again as attempt %d", found.job_id, st.state.value,
-                    attempt + 1)
+        log.warning(
+            "environment job %s ended %s; trying again as attempt %d", found.job_id, st.state.value, attempt + 1
+        )
         attempt += 1
         if attempt > 5:
             raise CharllmError(f"the environment job failed {attempt - 1} times; see {found.workdir}")
@@ -169,27 +187,38 @@ def dataset_job(runner: CampaignRunner, attempt: int = 1) -> tuple[JobSpec, str]
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError(runner.lc.source, f"dataset.corpus[{i}]", f"cannot read corpus file {path}: {err}") from err
+            raise ConfigError(
+                runner.lc.source, f"dataset.corpus[{i}]", f"cannot read corpus file {path}: {err}"
+            ) from err
         total += len(text.encode())
         if total > STAGE_LIMIT_BYTES:
-            raise ConfigError(runner.lc.source, f"dataset.corpus[{i}]",
-                              f"relative corpus files are staged with the job and limited to {STAGE_LIMIT_BYTES} "
-                              "bytes in all; put large corpora on the cluster and give absolute paths")
+            raise ConfigError(
+                runner.lc.source,
+                f"dataset.corpus[{i}]",
+                f"relative corpus files are staged with the job and limited to {STAGE_LIMIT_BYTES} "
+                "bytes in all; put large corpora on the cluster and give absolute paths",
+            )
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in path.name)
         name = f"corpus-{i:03d}-{safe}"
         files[name] = text
         words.append(q(name))
         staged_sha.append(hashlib.sha256(text.encode()).hexdigest())
     out_word = dataset_dir_word(ds.resolved(), runner.data_home)
-    key_doc = json.dumps({"dataset": ds.resolved(), "format": DATA_FORMAT_VERSION, "staged": staged_sha,
-                          "out": out_word}, sort_keys=True)
+    key_doc = json.dumps(
+        {"dataset": ds.resolved(), "format": DATA_FORMAT_VERSION, "staged": staged_sha, "out": out_word}, sort_keys=True
+    )
     key = hashlib.sha256(key_doc.encode()).hexdigest()[:16]
     ident = JobIdentity(DATA_CAMPAIGN, f"data{key}", 0, attempt)
     python = sys.executable if runner.backend.name == "local" else default_python(cluster)
     env = templates()
     script = env.get_template("dataprep.sbatch.j2").render(
-        ident=ident, cluster=cluster, key=ds.key, tokenizer=ds.tokenizer, out_sh=out_word,
-        python_sh=q(python) if runner.backend.name == "local" else shell_path(python), corpus_words=words,
+        ident=ident,
+        cluster=cluster,
+        key=ds.key,
+        tokenizer=ds.tokenizer,
+        out_sh=out_word,
+        python_sh=q(python) if runner.backend.name == "local" else shell_path(python),
+        corpus_words=words,
     )
     return JobSpec(ident, script, files, time_limit_s=_DATA_TIME_LIMIT_S), key
 
@@ -205,8 +234,10 @@ def _wait(runner: CampaignRunner, handle: JobHandle, timeout_s: float) -> JobSta
         if st.state.is_terminal:
             return st
         if time.monotonic() > deadline:
-            raise CharllmError(f"dataset job {handle.job_id} did not end within {timeout_s:.0f} s (still "
-                               f"{st.state.value}); see {handle.workdir}")
+            raise CharllmError(
+                f"dataset job {handle.job_id} did not end within {timeout_s:.0f} s (still "
+                f"{st.state.value}); see {handle.workdir}"
+            )
         time.sleep(runner.poll_interval_s)
 
 
@@ -245,22 +276,35 @@ def ensure_dataset(runner: CampaignRunner, max_attempts: int = 3) -> dict[str, A
         attempt += 1
         if attempt > max_attempts:
             out, err = runner.backend.tail(found, 4000)
-            raise CharllmError(f"the dataset job failed {attempt - 1} times; last: job {found.job_id} in "
-                               f"{found.workdir}\n--- stdout ---\n{out}\n--- stderr ---\n{err}")
+            raise CharllmError(
+                f"the dataset job failed {attempt - 1} times; last: job {found.job_id} in "
+                f"{found.workdir}\n--- stdout ---\n{out}\n--- stderr ---\n{err}"
+            )
     if handle is None:
         handle = runner.backend.submit(spec)
         log.info("dataset job %s submitted (key %s) in %s: %s", handle.job_id, key, handle.workdir, out_dir)
     st = _wait(runner, handle, _DATA_TIME_LIMIT_S + 600)
     out, err = runner.backend.tail(handle, 4000)
-    log.info("--- dataset job %s stdout (tail) ---\n%s\n--- dataset job %s stderr (tail) ---\n%s",
-             handle.job_id, out, handle.job_id, err)
+    log.info(
+        "--- dataset job %s stdout (tail) ---\n%s\n--- dataset job %s stderr (tail) ---\n%s",
+        handle.job_id,
+        out,
+        handle.job_id,
+        err,
+    )
     if st.state is not JobState.COMPLETED:
         raise CharllmError(
             f"dataset job {handle.job_id} ended {st.state.value} (exit code {st.exit_code}); see {handle.workdir}\n"
             f"--- stdout ---\n{out}\n--- stderr ---\n{err}"
         )
-    return {"kind": "indexed", "skipped": False, "key": key, "dir": out_dir, "job_id": handle.job_id,
-            "handle": handle.as_dict()}
+    return {
+        "kind": "indexed",
+        "skipped": False,
+        "key": key,
+        "dir": out_dir,
+        "job_id": handle.job_id,
+        "handle": handle.as_dict(),
+    }
 
 
 def dataset_dir_of(runner: CampaignRunner) -> str:

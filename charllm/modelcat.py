@@ -69,8 +69,32 @@ _CATALOG: dict[str, ModelShape] = {
         ModelShape("llama3-8b", "llama3", 32, 4096, 32, 14336, 128256, n_kv_heads=8, max_seq_len=8192),
         ModelShape("llama3-70b", "llama3", 80, 8192, 64, 28672, 128256, n_kv_heads=8, max_seq_len=8192),
         # Mixtral
-        ModelShape("mixtral-8x7b", "mixtral", 32, 4096, 32, 14336, 32000, n_kv_heads=8, num_experts=8, top_k=2, max_seq_len=4096),
-        ModelShape("mixtral-8x22b", "mixtral", 56, 6144, 48, 16384, 32768, n_kv_heads=8, num_experts=8, top_k=2, max_seq_len=4096),
+        ModelShape(
+            "mixtral-8x7b",
+            "mixtral",
+            32,
+            4096,
+            32,
+            14336,
+            32000,
+            n_kv_heads=8,
+            num_experts=8,
+            top_k=2,
+            max_seq_len=4096,
+        ),
+        ModelShape(
+            "mixtral-8x22b",
+            "mixtral",
+            56,
+            6144,
+            48,
+            16384,
+            32768,
+            n_kv_heads=8,
+            num_experts=8,
+            top_k=2,
+            max_seq_len=4096,
+        ),
     ]
 }
 

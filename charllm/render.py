@@ -62,7 +62,10 @@ def dataset_dir_word(dataset: dict[str, Any], data_home: Path | None = None) -> 
 
 
 def render_script(
-    cell: Cell, cluster: ClusterProfile, ident: JobIdentity, python: str | None = None,
+    cell: Cell,
+    cluster: ClusterProfile,
+    ident: JobIdentity,
+    python: str | None = None,
     data_home: Path | None = None,
 ) -> str:
     tasks_per_node = cell.world_size if cell.nodes == 1 else cluster.gpus_per_node
@@ -72,21 +75,29 @@ def render_script(
     launcher = cluster.launcher
     if launcher == "torchrun" and cell.world_size == 1:
         launcher = "python"
-    return templates().get_template("job.sbatch.j2").render(
-        cell=cell,
-        cluster=cluster,
-        ident=ident,
-        env=cluster.env,
-        gres=gres,
-        tasks_per_node=tasks_per_node if launcher == "srun" else (1 if cell.nodes > 1 else tasks_per_node),
-        launcher=launcher,
-        python_sh=shell_path(python or default_python(cluster)),
-        dataset_dir_sh=dataset_dir_word(cell.dataset, data_home) if cell.dataset.get("kind") == "indexed" else None,
+    return (
+        templates()
+        .get_template("job.sbatch.j2")
+        .render(
+            cell=cell,
+            cluster=cluster,
+            ident=ident,
+            env=cluster.env,
+            gres=gres,
+            tasks_per_node=tasks_per_node if launcher == "srun" else (1 if cell.nodes > 1 else tasks_per_node),
+            launcher=launcher,
+            python_sh=shell_path(python or default_python(cluster)),
+            dataset_dir_sh=dataset_dir_word(cell.dataset, data_home) if cell.dataset.get("kind") == "indexed" else None,
+        )
     )
 
 
 def job_spec(
-    cell: Cell, cluster: ClusterProfile, ident: JobIdentity, python: str | None = None, data_home: Path | None = None,
+    cell: Cell,
+    cluster: ClusterProfile,
+    ident: JobIdentity,
+    python: str | None = None,
+    data_home: Path | None = None,
 ) -> JobSpec:
     script = render_script(cell, cluster, ident, python, data_home)
     cell_json = json.dumps(cell.job_config(ident.repeat), indent=2, sort_keys=True)

@@ -141,8 +141,14 @@ class CampaignRunner:
             for r in range(reps):
                 done = self.catalog.valid_result(cell.cell_id, r)
                 if done is not None and not force:
-                    log.info("cell %s (%s) repeat %d: done (attempt %d, %s), skipped",
-                             cell.name, cell.cell_id, r, done.attempt, done.outcome)
+                    log.info(
+                        "cell %s (%s) repeat %d: done (attempt %d, %s), skipped",
+                        cell.name,
+                        cell.cell_id,
+                        r,
+                        done.attempt,
+                        done.outcome,
+                    )
                     continue
                 items.append({"cell_id": cell.cell_id, "repeat": r, "name": cell.name, "force": force})
         return items
@@ -177,7 +183,9 @@ class CampaignRunner:
         ident = JobIdentity(self.lc.name, cell_id, repeat, attempt)
         handle = self.backend.submit(job_spec(cell, self.lc.cluster_for(cell), ident, data_home=self.data_home))
         self.catalog.update_attempt(cell_id, repeat, attempt, state="submitted", job_id=handle.job_id, run_id=run_id)
-        log.info("cell %s repeat %d attempt %d: job %s in %s", cell.name, repeat, attempt, handle.job_id, handle.workdir)
+        log.info(
+            "cell %s repeat %d attempt %d: job %s in %s", cell.name, repeat, attempt, handle.job_id, handle.workdir
+        )
         return handle
 
     def mark_running(self, handle: JobHandle) -> None:
@@ -230,8 +238,13 @@ class CampaignRunner:
         final, manifest = commit_attempt(self.home, ident, lambda d: self.backend.fetch(handle, d), fields, classify)
         outcome = manifest["outcome"]
         self.catalog.update_attempt(
-            ident.cell_id, ident.repeat, ident.attempt,
-            state="ended", outcome=outcome, message=manifest.get("message") or None, result_dir=str(final),
+            ident.cell_id,
+            ident.repeat,
+            ident.attempt,
+            state="ended",
+            outcome=outcome,
+            message=manifest.get("message") or None,
+            result_dir=str(final),
         )
         return outcome, final, manifest
 
@@ -242,16 +255,21 @@ class CampaignRunner:
     def finish(self, handle: JobHandle, status: JobStatus) -> dict[str, Any]:
         """Collect a terminal job and apply the policy; raises JobFailedError if the cell failed."""
         outcome, final, manifest = self.collect(handle, status)
-        summary = {"cell_id": handle.identity.cell_id, "repeat": handle.identity.repeat,
-                   "attempt": handle.identity.attempt, "outcome": outcome, "result_dir": str(final),
-                   "job_id": handle.job_id, "state": status.state.value}
+        summary = {
+            "cell_id": handle.identity.cell_id,
+            "repeat": handle.identity.repeat,
+            "attempt": handle.identity.attempt,
+            "outcome": outcome,
+            "result_dir": str(final),
+            "job_id": handle.job_id,
+            "state": status.state.value,
+        }
         if outcome in ("ok", "oom"):
             return summary
         raise JobFailedError(
             f"cell {manifest.get('cell_name')} attempt {handle.identity.attempt}: job {handle.job_id} ended "
             f"{status.state.value} (exit code {status.exit_code}); outcome {outcome}. {manifest.get('message') or ''}"
         )
-
 
     # -- after the sweep ---------------------------------------------------------------------
     def tables_dir(self) -> Path:
@@ -261,8 +279,9 @@ class CampaignRunner:
         from charllm.analysis.aggregate import aggregate
 
         info = aggregate(self.catalog, self.lc.name, self.tables_dir(), [c.cell_id for c in self.lc.cells])
-        log.info("tables: %s (%d rows, %s), %s", info["cells_table"], info["rows"], info["outcomes"],
-                 info["steps_table"])
+        log.info(
+            "tables: %s (%d rows, %s), %s", info["cells_table"], info["rows"], info["outcomes"], info["steps_table"]
+        )
         return info
 
     def visualize(self, run_id: str) -> list[str]:
@@ -281,8 +300,13 @@ class CampaignRunner:
         out = self.home / "figures" / self.lc.name / _safe_run(run_id)
         camp = self.lc.campaign
         paths = draw_all(
-            cells, steps, out, self.lc.name,
-            tables_dir=self.tables_dir(), references=list(camp.references), schedule=camp.schedule or "",
+            cells,
+            steps,
+            out,
+            self.lc.name,
+            tables_dir=self.tables_dir(),
+            references=list(camp.references),
+            schedule=camp.schedule or "",
         )
         self.check_references(cells)
         return [str(p) for p in paths]

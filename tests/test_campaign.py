@@ -78,7 +78,9 @@ def test_bad_time_limit_rule_names_field(include_tmp):
 
 
 def test_dp_auto_and_opt_code(include_tmp):
-    p = write(include_tmp, """\
+    p = write(
+        include_tmp,
+        """\
         name: t
         cluster: local-cpu
         model: tiny
@@ -88,7 +90,8 @@ def test_dp_auto_and_opt_code(include_tmp):
           dp: [auto]
           opt_code: ["00000", "11000"]
           global_batch: [8]
-        """)
+        """,
+    )
     cells = load_campaign(p).cells
     assert {(c.parallel.tp, c.parallel.dp) for c in cells} == {(1, 2), (2, 1)}
     both = [c for c in cells if c.opt_code == "11000"]

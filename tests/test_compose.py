@@ -27,22 +27,34 @@ def _compose() -> list[str]:
         return [docker, "compose"]
     if not shutil.which("docker-compose") and os.geteuid() == 0 and shutil.which("apt-get"):
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        res = subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "docker-compose"],
-                             capture_output=True, text=True, env=env, timeout=600)
+        res = subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "docker-compose"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
         if res.returncode != 0:  # the package lists may be missing on a fresh machine
             subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env, timeout=600)
-            subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "docker-compose"],
-                           capture_output=True, env=env, timeout=600)
+            subprocess.run(
+                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "docker-compose"],
+                capture_output=True,
+                env=env,
+                timeout=600,
+            )
     found = shutil.which("docker-compose")
     if not found:
-        pytest.skip("no Compose client: neither `docker compose` nor `docker-compose`, and Debian's package could "
-                    "not be installed (needs root and apt)")
+        pytest.skip(
+            "no Compose client: neither `docker compose` nor `docker-compose`, and Debian's package could "
+            "not be installed (needs root and apt)"
+        )
     return [found]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*_compose(), "-f", str(COMPOSE), *args], capture_output=True, text=True, timeout=120,
-                          cwd=REPO)
+    return subprocess.run(
+        [*_compose(), "-f", str(COMPOSE), *args], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
 
 
 def test_compose_file_is_valid():

@@ -51,8 +51,17 @@ def test_repo_dags_import_cleanly_and_light(tmp_path):
     assert "charllm_demo" in rep["dags"]
     assert rep["heavy"] == [], f"DAG parsing imported {rep['heavy']}"
     tasks = rep["tasks"]["charllm_demo"]
-    for t in ("install.submit", "install.wait", "prepare_dataset", "plan", "cell.submit", "cell.wait", "cell.collect", "aggregate",
-              "verdict"):
+    for t in (
+        "install.submit",
+        "install.wait",
+        "prepare_dataset",
+        "plan",
+        "cell.submit",
+        "cell.wait",
+        "cell.collect",
+        "aggregate",
+        "verdict",
+    ):
         assert t in tasks
     # every campaign has its figures DAG, which only draws
     campaigns = [d for d in rep["dags"] if not d.endswith("_figures")]

@@ -102,7 +102,9 @@ def test_second_run_does_nothing_and_says_so(tmp_path):
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     again = subprocess.run(
         [sys.executable, "-m", "charllm.dataprep", "--out", str(out), str(txt), str(jsonl)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert again.returncode == 0, again.stderr
     assert "up to date, nothing to do" in again.stdout
@@ -150,8 +152,12 @@ def test_bad_corpus_path_names_it(tmp_path):
     missing = tmp_path / "nope" / "corpus.txt"
     with pytest.raises(DataPrepError, match=str(missing)):
         prepare([str(missing)], tmp_path / "out")
-    proc = subprocess.run([sys.executable, "-m", "charllm.dataprep", "--out", str(tmp_path / "o"), str(missing)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "charllm.dataprep", "--out", str(tmp_path / "o"), str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and str(missing) in proc.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"body": "no text"}\n')
@@ -245,15 +251,18 @@ def test_ensure_dataset_runs_a_local_job_then_skips(runner, caplog):
 
 
 def test_ensure_dataset_failed_job_raises_with_its_output(tmp_path):
-    lc = load_campaign(_campaign(tmp_path, {"kind": "indexed", "corpus": [str(tmp_path / "absent.txt")]}),
-                       include_dir() / "clusters")
+    lc = load_campaign(
+        _campaign(tmp_path, {"kind": "indexed", "corpus": [str(tmp_path / "absent.txt")]}), include_dir() / "clusters"
+    )
     lc.cluster = lc.cluster.model_copy(update={"poll_interval_s": 0.2})
     r = CampaignRunner(lc, catalog=Catalog(f"sqlite:///{tmp_path / 'cat.db'}"), home=tmp_path / "home")
     with pytest.raises(CharllmError, match=r"dataset job local-\w+ ended FAILED(.|\n)*absent\.txt does not exist"):
         r.prepare_dataset()
     # a missing relative corpus file is caught before any job, naming file and field
-    lc2 = load_campaign(_campaign(tmp_path, {"kind": "indexed", "corpus": ["data/corpus/absent.txt"]}, "dsy"),
-                        include_dir() / "clusters")
+    lc2 = load_campaign(
+        _campaign(tmp_path, {"kind": "indexed", "corpus": ["data/corpus/absent.txt"]}, "dsy"),
+        include_dir() / "clusters",
+    )
     r2 = CampaignRunner(lc2, catalog=Catalog(f"sqlite:///{tmp_path / 'cat2.db'}"), home=tmp_path / "home2")
     with pytest.raises(ConfigError) as e:
         r2.prepare_dataset()
@@ -307,8 +316,7 @@ def test_indexed_source_rejects_a_too_small_vocab(prepared):
 def test_tiny_training_run_on_the_indexed_dataset(prepared, tmp_path):
     data_dir = tmp_path / "charllm-data"
     shutil.copytree(prepared, data_dir / "k123")
-    cell = make_cell(steps=4, dataset={"kind": "indexed", "path": str(data_dir), "tokenizer": "bytes",
-                                       "key": "k123"})
+    cell = make_cell(steps=4, dataset={"kind": "indexed", "path": str(data_dir), "tokenizer": "bytes", "key": "k123"})
     proc = launch(cell, tmp_path / "run")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "run" / "result.json").read_text())
@@ -322,8 +330,10 @@ def test_tiny_training_run_on_the_indexed_dataset(prepared, tmp_path):
 def test_slurm_dataset_job_renders_with_the_cluster_env_python(tmp_path):
     """The Slurm form of the dataset job (rendered, not submitted: building the backend opens no connection)."""
     data = yaml.safe_load((include_dir() / "campaigns" / "demo_slurm.yaml").read_text())
-    data.update(name="dsslurm", dataset={"kind": "indexed", "corpus": ["data/corpus/notes.jsonl", "~/corpora/x.txt",
-                                                                        "/abs/it's.jsonl"]})
+    data.update(
+        name="dsslurm",
+        dataset={"kind": "indexed", "corpus": ["data/corpus/notes.jsonl", "~/corpora/x.txt", "/abs/it's.jsonl"]},
+    )
     p = tmp_path / "campaigns" / "dsslurm.yaml"
     p.parent.mkdir(parents=True)
     p.write_text(yaml.safe_dump(data))
@@ -338,15 +348,15 @@ def test_slurm_dataset_job_renders_with_the_cluster_env_python(tmp_path):
     assert spec.files["corpus-000-notes.jsonl"] == (CORPUS / "notes.jsonl").read_text()
     s = spec.script
     ds_key = lc.campaign.dataset.key
-    assert f"OUT=\"$HOME\"/charllm-data/{ds_key}\n" in s
-    assert "\"$HOME\"/charllm-env/bin/python -m charllm.dataprep --tokenizer bytes --out \"$OUT\" " in s
+    assert f'OUT="$HOME"/charllm-data/{ds_key}\n' in s
+    assert '"$HOME"/charllm-env/bin/python -m charllm.dataprep --tokenizer bytes --out "$OUT" ' in s
     abs_word = shlex.quote("/abs/it's.jsonl")
-    assert "corpus-000-notes.jsonl \"$HOME\"/corpora/x.txt " + abs_word + "\n" in s
+    assert 'corpus-000-notes.jsonl "$HOME"/corpora/x.txt ' + abs_word + "\n" in s
     assert "#SBATCH --partition=debug" in s and f"#SBATCH --job-name=charllm.{DATA_CAMPAIGN}.data{key}.r0.a1" in s
     assert subprocess.run(["bash", "-n"], input=s, text=True).returncode == 0
     # the cell jobs read it from the same place
     cell_script = r.render(lc.cells[0].cell_id, 0, tmp_path / "dry").read_text()
-    assert f"export CHARLLM_DATASET_DIR=\"$HOME\"/charllm-data/{ds_key}\n" in cell_script
+    assert f'export CHARLLM_DATASET_DIR="$HOME"/charllm-data/{ds_key}\n' in cell_script
     # the key follows the staged content: same spec, same key; the synthetic demo's scripts have no such line
     assert dataset_job(r, 2)[1] == key
     demo = load_campaign(include_dir() / "campaigns" / "demo_slurm.yaml")
@@ -380,8 +390,9 @@ def test_demo_indexed_through_airflow(tmp_path):
     airflow = str(Path(sys.executable).parent / "airflow")
     mig = subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True, text=True, timeout=300)
     assert mig.returncode == 0, mig.stdout[-3000:] + mig.stderr[-3000:]
-    run = subprocess.run([airflow, "dags", "test", "charllm_demo_indexed"], env=env, capture_output=True,
-                         text=True, timeout=600)
+    run = subprocess.run(
+        [airflow, "dags", "test", "charllm_demo_indexed"], env=env, capture_output=True, text=True, timeout=600
+    )
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-8000:]
     assert "charllm-dataprep:" in log and "built" in log

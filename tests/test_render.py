@@ -26,15 +26,31 @@ def _cases() -> dict[str, str]:
     dp1 = next(c for c in lc.cells if c.world_size == 1)
     dp2 = next(c for c in lc.cells if c.world_size == 2)
     cl = _h200()
-    camp = Campaign.model_validate({
-        "name": "g", "cluster": cl.model_dump(), "model": "gpt3-175b",
-        "sweep": {"gpus": [32], "tp": [4], "pp": [8], "dp": ["auto"], "micro_batch": [1], "global_batch": [128],
-                  "seq_len": [2048], "opt_code": ["01000"]},
-    })
+    camp = Campaign.model_validate(
+        {
+            "name": "g",
+            "cluster": cl.model_dump(),
+            "model": "gpt3-175b",
+            "sweep": {
+                "gpus": [32],
+                "tp": [4],
+                "pp": [8],
+                "dp": ["auto"],
+                "micro_batch": [1],
+                "global_batch": [128],
+                "seq_len": [2048],
+                "opt_code": ["01000"],
+            },
+        }
+    )
     big = expand(camp, cl)[0]
     return {
-        "demo-dp1.sbatch": render_script(dp1, lc.cluster, JobIdentity("demo", dp1.cell_id, 0, 1), "/opt/env/bin/python"),
-        "demo-dp2.sbatch": render_script(dp2, lc.cluster, JobIdentity("demo", dp2.cell_id, 0, 1), "/opt/env/bin/python"),
+        "demo-dp1.sbatch": render_script(
+            dp1, lc.cluster, JobIdentity("demo", dp1.cell_id, 0, 1), "/opt/env/bin/python"
+        ),
+        "demo-dp2.sbatch": render_script(
+            dp2, lc.cluster, JobIdentity("demo", dp2.cell_id, 0, 1), "/opt/env/bin/python"
+        ),
         "h200-gpt3-175b.sbatch": render_script(big, cl, JobIdentity("g", big.cell_id, 2, 3)),
     }
 

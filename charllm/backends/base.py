@@ -87,9 +87,7 @@ _TERMINAL = frozenset(
         JobState.LOST,
     }
 )
-_RETRYABLE = frozenset(
-    {JobState.NODE_FAIL, JobState.PREEMPTED, JobState.BOOT_FAIL, JobState.REQUEUED, JobState.LOST}
-)
+_RETRYABLE = frozenset({JobState.NODE_FAIL, JobState.PREEMPTED, JobState.BOOT_FAIL, JobState.REQUEUED, JobState.LOST})
 
 
 @dataclass(frozen=True)

@@ -115,8 +115,12 @@ class LocalBackend(Backend):
         locks = self.root / ".slots"
         locks.mkdir(parents=True, exist_ok=True)
         wrapper = _WRAPPER.format(
-            limit=spec.time_limit_s or self.time_limit_s, script=SCRIPT_NAME, out=STDOUT_NAME, err=STDERR_NAME,
-            slots=max(1, self.slots), locks=q(str(locks)),
+            limit=spec.time_limit_s or self.time_limit_s,
+            script=SCRIPT_NAME,
+            out=STDOUT_NAME,
+            err=STDERR_NAME,
+            slots=max(1, self.slots),
+            locks=q(str(locks)),
         )
         try:
             # setsid -f: the wrapper leads its own session and outlives this process

@@ -76,16 +76,29 @@ def campaign_dag(campaign_file: str | Path) -> DAG:
         default_args=DEFAULT_ARGS,
         tags=["charllm", camp.backend, lc.cluster.gpu_type, *camp.tags],
         params={
-            "cells": Param("*", type="string", title="Cells",
-                           description="Comma-separated globs over cell names, or cell-hash prefixes; * for all."),
+            "cells": Param(
+                "*",
+                type="string",
+                title="Cells",
+                description="Comma-separated globs over cell names, or cell-hash prefixes; * for all.",
+            ),
             "repeats": Param(camp.repeats, type="integer", minimum=1, maximum=100, title="Repeats"),
-            "dry_run": Param(False, type="boolean", title="Dry run",
-                             description="Render the job scripts only; submit nothing."),
-            "force": Param(False, type="boolean", title="Force re-run",
-                           description="Run cells again even if they already have valid results."),
-            "append": Param(False, type="boolean", title="Append repeats",
-                            description="Re-measure: add Repeats new repeats of each selected cell (what a "
-                                        "scheduled run does with the campaign's nightly cells)."),
+            "dry_run": Param(
+                False, type="boolean", title="Dry run", description="Render the job scripts only; submit nothing."
+            ),
+            "force": Param(
+                False,
+                type="boolean",
+                title="Force re-run",
+                description="Run cells again even if they already have valid results.",
+            ),
+            "append": Param(
+                False,
+                type="boolean",
+                title="Append repeats",
+                description="Re-measure: add Repeats new repeats of each selected cell (what a "
+                "scheduled run does with the campaign's nightly cells).",
+            ),
         },
         render_template_as_native_obj=True,
     ) as dag:
@@ -117,9 +130,15 @@ def campaign_dag(campaign_file: str | Path) -> DAG:
                 log.info("scheduled run: %d new repeat(s) of cells %r", camp.nightly.repeats, camp.nightly.cells)
                 items = runner.plan(camp.nightly.cells, camp.nightly.repeats, append=True)
             else:
-                items = runner.plan(p.get("cells"), int(p.get("repeats") or camp.repeats), bool(p.get("force")),
-                                    append=bool(p.get("append")))
-            log.info("%d cell repeat(s) to run: %s", len(items), ", ".join(f"{i['name']}#r{i['repeat']}" for i in items))
+                items = runner.plan(
+                    p.get("cells"),
+                    int(p.get("repeats") or camp.repeats),
+                    bool(p.get("force")),
+                    append=bool(p.get("append")),
+                )
+            log.info(
+                "%d cell repeat(s) to run: %s", len(items), ", ".join(f"{i['name']}#r{i['repeat']}" for i in items)
+            )
             return items
 
         @task(task_id="submit", map_index_template="{{ cell_label }}")
@@ -128,12 +147,19 @@ def campaign_dag(campaign_file: str | Path) -> DAG:
             ctx["cell_label"] = f"{item['name']} r{item['repeat']}"  # type: ignore[typeddict-unknown-key]
             runner = runner_for(src)
             if ctx["params"].get("dry_run"):
-                dest = runner.home / "dry-run" / camp.name / ctx["run_id"].replace(":", "_") / f"{item['name']}-r{item['repeat']}"
+                dest = (
+                    runner.home
+                    / "dry-run"
+                    / camp.name
+                    / ctx["run_id"].replace(":", "_")
+                    / f"{item['name']}-r{item['repeat']}"
+                )
                 script = runner.render(item["cell_id"], item["repeat"], dest)
                 log.info("dry run: wrote %s", script)
                 return None
-            return runner.ensure_submitted(item["cell_id"], item["repeat"], ctx["run_id"],
-                                           new=bool(item.get("force"))).as_dict()
+            return runner.ensure_submitted(
+                item["cell_id"], item["repeat"], ctx["run_id"], new=bool(item.get("force"))
+            ).as_dict()
 
         @task(task_id="collect")
         def collect(waited: dict[str, Any] | None) -> dict[str, Any]:
@@ -152,8 +178,11 @@ def campaign_dag(campaign_file: str | Path) -> DAG:
                 raise AirflowSkipException("dry run: nothing to aggregate")
             info = runner_for(src).aggregate()
             # the figures DAG draws into a folder named after this run
-            ctx["outlet_events"][tables].extra = {"run_id": ctx["run_id"], "rows": info.get("rows"),
-                                                  "outcomes": info.get("outcomes")}
+            ctx["outlet_events"][tables].extra = {
+                "run_id": ctx["run_id"],
+                "rows": info.get("rows"),
+                "outcomes": info.get("outcomes"),
+            }
             return info
 
         @task(task_id="verdict", trigger_rule=TriggerRule.ALL_DONE)
@@ -188,8 +217,10 @@ def figures_dag(lc: Any, src: str, tables: Asset) -> DAG:
     with DAG(
         dag_id=f"{dag_id_for(camp.name)}_figures",
         description=f"Figures and report of campaign {camp.name}, redrawn whenever its tables change"[:200],
-        doc_md=(f"### Figures of campaign `{camp.name}`\n\nScheduled on the Asset `{tables.name}` "
-                f"(updated by `{dag_id_for(camp.name)}.aggregate`). Campaign file: `{src}`."),
+        doc_md=(
+            f"### Figures of campaign `{camp.name}`\n\nScheduled on the Asset `{tables.name}` "
+            f"(updated by `{dag_id_for(camp.name)}.aggregate`). Campaign file: `{src}`."
+        ),
         schedule=[tables],
         start_date=datetime(2026, 1, 1),
         catchup=False,

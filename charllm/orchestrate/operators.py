@@ -53,8 +53,13 @@ class CellJobSensor(BaseSensorOperator):
         done = runner.catalog.valid_result(ident.cell_id, ident.repeat)
         if done is not None and done.attempt >= ident.attempt:
             log.info("cell already has a valid result (attempt %d, %s)", done.attempt, done.outcome)
-            return {"cell_id": ident.cell_id, "repeat": ident.repeat, "attempt": done.attempt,
-                    "outcome": done.outcome, "result_dir": done.result_dir}
+            return {
+                "cell_id": ident.cell_id,
+                "repeat": ident.repeat,
+                "attempt": done.attempt,
+                "outcome": done.outcome,
+                "result_dir": done.result_dir,
+            }
         try:
             handle = runner.ensure_submitted(ident.cell_id, ident.repeat, context["run_id"])
         except CharllmError as err:
@@ -62,9 +67,15 @@ class CellJobSensor(BaseSensorOperator):
         self._defer(runner, handle)
 
     def _defer(self, runner: Any, handle: JobHandle) -> None:
-        log.info("waiting for job %s (cell %s, repeat %d, attempt %d) on %s; workdir %s",
-                 handle.job_id, handle.identity.cell_id, handle.identity.repeat, handle.identity.attempt,
-                 handle.backend, handle.workdir)
+        log.info(
+            "waiting for job %s (cell %s, repeat %d, attempt %d) on %s; workdir %s",
+            handle.job_id,
+            handle.identity.cell_id,
+            handle.identity.repeat,
+            handle.identity.attempt,
+            handle.backend,
+            handle.workdir,
+        )
         self.defer(
             trigger=JobTrigger(runner.backend.spec(), handle.job_id, runner.poll_interval_s, handle=handle.as_dict()),
             method_name="execute_complete",
@@ -76,19 +87,26 @@ class CellJobSensor(BaseSensorOperator):
         runner = runner_for(self.campaign_file)
         h = JobHandle.from_dict(event["handle"])
         status = JobStatus.from_dict(event["status"])
-        log.info("job %s ended %s (exit code %s) on %s", h.job_id, status.state.value, status.exit_code,
-                 status.nodes or "?")
+        log.info(
+            "job %s ended %s (exit code %s) on %s", h.job_id, status.state.value, status.exit_code, status.nodes or "?"
+        )
         log.info("%s", runner.job_tail(h))
         verdict = judge(status)
         if verdict.retry:
             runner.collect(h, status)  # keep the lost attempt's logs
-            used = len([a for a in runner.catalog.attempts(cell_id=h.identity.cell_id)
-                        if a.repeat == h.identity.repeat and a.run_id == context["run_id"]])
+            used = len(
+                [
+                    a
+                    for a in runner.catalog.attempts(cell_id=h.identity.cell_id)
+                    if a.repeat == h.identity.repeat and a.run_id == context["run_id"]
+                ]
+            )
             budget = (self.retries or 0) + 1
             if used >= budget:
                 raise AirflowException(f"job {h.job_id} ended {status.state.value}; {used} attempts used, giving up")
-            log.warning("job %s ended %s: resubmitting (attempt %d of %d)", h.job_id, status.state.value,
-                        used + 1, budget)
+            log.warning(
+                "job %s ended %s: resubmitting (attempt %d of %d)", h.job_id, status.state.value, used + 1, budget
+            )
             new = runner.ensure_submitted(h.identity.cell_id, h.identity.repeat, context["run_id"], new=True)
             self._defer(runner, new)
         return {"handle": h.as_dict(), "status": status.as_dict()}
@@ -114,8 +132,13 @@ def collect_cell(campaign_file: str, waited: dict[str, Any] | None) -> dict[str,
         if judge(status).no_retry:
             raise AirflowFailException(f"{err} (not retried)") from err
         raise AirflowFailException(f"{err}; clear this cell's task group to resubmit it") from err
-    log.info("cell %s repeat %d: %s, results in %s", summary["cell_id"], summary["repeat"], summary["outcome"],
-             summary["result_dir"])
+    log.info(
+        "cell %s repeat %d: %s, results in %s",
+        summary["cell_id"],
+        summary["repeat"],
+        summary["outcome"],
+        summary["result_dir"],
+    )
     return summary
 
 

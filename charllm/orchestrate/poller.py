@@ -86,8 +86,12 @@ class BatchPoller:
             except (TransportError, ParseError, OSError) as err:
                 failures += 1
                 self.errors += 1
-                log.warning("status poll of %d job(s) failed (%s); retrying with back-off (%d in a row)",
-                            len(ids), err, failures)
+                log.warning(
+                    "status poll of %d job(s) failed (%s); retrying with back-off (%d in a row)",
+                    len(ids),
+                    err,
+                    failures,
+                )
                 continue
             for job_id in ids:
                 st = statuses.get(job_id)

@@ -16,8 +16,14 @@ log = logging.getLogger(__name__)
 class JobTrigger(BaseTrigger):
     """Wait until a job reaches a terminal state; report state changes on the way."""
 
-    def __init__(self, backend_spec: dict[str, Any], job_id: str, poll_interval_s: float = 10.0,
-                 last_state: str | None = None, handle: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        backend_spec: dict[str, Any],
+        job_id: str,
+        poll_interval_s: float = 10.0,
+        last_state: str | None = None,
+        handle: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.backend_spec = backend_spec
         self.job_id = job_id

@@ -101,7 +101,9 @@ class IndexedTokenSource:
                 f"{vocab_size} ids"
             )
         if self.ds.n_tokens < seq_len + 1:
-            raise ValueError(f"dataset {directory} has {self.ds.n_tokens} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+            raise ValueError(
+                f"dataset {directory} has {self.ds.n_tokens} tokens, fewer than seq_len + 1 = {seq_len + 1}"
+            )
         self.seq_len, self.micro_batch_size, self.seed, self.dp_rank = seq_len, micro_batch, seed, dp_rank
         self.device = torch.device(device)
         self.n_starts = self.ds.n_tokens - seq_len  # valid window starts: 0 .. n_tokens - seq_len - 1

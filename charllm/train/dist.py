@@ -104,3 +104,25 @@ def pick_device(gpu_type: str, local_rank: int) -> torch.device:
         raise LaunchError(f"local rank {local_rank} but only {n} visible GPUs (CUDA_VISIBLE_DEVICES?)")
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
+
+
+def reduce_step_stats(
+    loss: torch.Tensor, step_time_s: float, temp_slope: float, reports_loss: bool, device: torch.device
+) -> tuple[float, float, float]:
+    """(mean loss over the reporting ranks, max step time over ranks, max |temp slope| over GPUs).
+
+    Every rank gets the same three numbers, so warm-up decisions agree without a broadcast.
+    A NaN slope (no telemetry) travels as -1. Both engines call this once per step.
+    """
+    import torch
+    import torch.distributed as dist
+
+    rep = 1.0 if reports_loss else 0.0
+    a = torch.stack([loss.float() * rep, torch.tensor(rep, device=device)])
+    dist.all_reduce(a, op=dist.ReduceOp.SUM)
+    slope = -1.0 if temp_slope != temp_slope else min(abs(temp_slope), 1e30)
+    b = torch.tensor([step_time_s, slope], device=device, dtype=torch.float64)
+    dist.all_reduce(b, op=dist.ReduceOp.MAX)
+    la, lb = a.tolist(), b.tolist()
+    mean_loss = la[0] / la[1] if la[1] else float("nan")
+    return mean_loss, lb[0], (float("nan") if lb[1] < 0 else lb[1])

@@ -36,7 +36,7 @@ from torch import nn
 from charllm.errors import CharllmError
 from charllm.train.cell import CellSpec
 from charllm.train.data import IndexedTokenSource, SyntheticTokens, dataset_dir
-from charllm.train.dist import DistEnv
+from charllm.train.dist import DistEnv, reduce_step_stats
 from charllm.train.errors import CellConfigError, EngineUnavailableError
 from charllm.train.model import Transformer, is_gated, loss_fn, split_layers
 
@@ -229,8 +229,13 @@ class TorchEngine:
         if cell.dataset.kind == "indexed":
             try:
                 self.data = IndexedTokenSource(
-                    dataset_dir(cell.dataset.path, cell.dataset.key), cell.model.vocab_size, cell.seq_len,
-                    cell.micro_batch, cell.seed, self.dp_rank, device=device,
+                    dataset_dir(cell.dataset.path, cell.dataset.key),
+                    cell.model.vocab_size,
+                    cell.seq_len,
+                    cell.micro_batch,
+                    cell.seed,
+                    self.dp_rank,
+                    device=device,
                 )
             except (ValueError, OSError, CharllmError) as err:
                 raise CellConfigError(f"dataset: {err}") from err
@@ -298,20 +303,8 @@ class TorchEngine:
     def reduce_step_stats(
         self, loss: torch.Tensor, step_time_s: float, temp_slope: float
     ) -> tuple[float, float, float]:
-        """(mean loss over dp shards, max step time over ranks, max |temp slope| over GPUs).
-
-        Every rank gets the same three numbers, so warm-up decisions agree without a broadcast.
-        A NaN slope (no telemetry) travels as -1.
-        """
-        rep = 1.0 if self.reports_loss else 0.0
-        a = torch.stack([loss.float() * rep, torch.tensor(rep, device=self.device)])
-        dist.all_reduce(a, op=dist.ReduceOp.SUM)
-        slope = -1.0 if temp_slope != temp_slope else min(abs(temp_slope), 1e30)
-        b = torch.tensor([step_time_s, slope], device=self.device, dtype=torch.float64)
-        dist.all_reduce(b, op=dist.ReduceOp.MAX)
-        la, lb = a.tolist(), b.tolist()
-        mean_loss = la[0] / la[1] if la[1] else float("nan")
-        return mean_loss, lb[0], (float("nan") if lb[1] < 0 else lb[1])
+        """See :func:`charllm.train.dist.reduce_step_stats`."""
+        return reduce_step_stats(loss, step_time_s, temp_slope, self.reports_loss, self.device)
 
     def describe(self) -> dict[str, Any]:
         p = self.cell.parallel

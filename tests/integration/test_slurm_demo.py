@@ -62,8 +62,9 @@ def _env(tmp: Path, cluster_env: dict[str, str]) -> dict[str, str]:
 
 
 def _airflow(env: dict[str, str], *args: str) -> tuple[int, str]:
-    p = subprocess.run([str(Path(sys.executable).parent / "airflow"), *args], env=env, capture_output=True,
-                       text=True, timeout=1500)
+    p = subprocess.run(
+        [str(Path(sys.executable).parent / "airflow"), *args], env=env, capture_output=True, text=True, timeout=1500
+    )
     return p.returncode, p.stdout + p.stderr
 
 
@@ -82,8 +83,14 @@ def test_demo_campaign_on_slurm_through_airflow(tmp_path, dev_cluster):
     if rc != 0:  # say which cell failed and why before the log's tail
         ended = [f"{a.cell_id} r{a.repeat} a{a.attempt} job {a.job_id}: {a.outcome} {a.message}" for a in attempts]
         problems = [ln for ln in log.splitlines() if "[error" in ln or "FAILED" in ln or "ended " in ln]
-        pytest.fail("DAG run failed\n" + "\n".join(ended) + "\n--- errors ---\n" + "\n".join(problems[-40:])
-                    + "\n--- log tail ---\n" + log[-6000:])
+        pytest.fail(
+            "DAG run failed\n"
+            + "\n".join(ended)
+            + "\n--- errors ---\n"
+            + "\n".join(problems[-40:])
+            + "\n--- log tail ---\n"
+            + log[-6000:]
+        )
     assert "charllm: environment ready" in log or "was built by job" in log
     # the dataset was tokenized and indexed by a Slurm job, whose output reached the log
     assert "dataset job" in log and "submitted (key" in log and "--- dataset job" in log
