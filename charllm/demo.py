@@ -41,7 +41,6 @@ def main(argv: list[str] | None = None) -> int:
             )
     wall = time.monotonic() - t0
     text = log_path.read_text(errors="replace")
-    state_line = next((ln for ln in reversed(text.splitlines()) if "state=" in ln and "DagRun" in ln), "")
     if proc.returncode != 0:
         print(text[-6000:])
         print(f"charllm demo: airflow dags test failed (exit {proc.returncode}); full log in {log_path}")
@@ -57,13 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print()
     print(cells[cols].to_string(index=False))
-    figs = sorted((home() / "figures" / campaign).rglob("*.png"), key=lambda p: p.stat().st_mtime)
+    runs = sorted((home() / "figures" / campaign).glob("*/report.md"), key=lambda p: p.stat().st_mtime)
     print()
-    print(f"DAG run finished in {wall:.0f} s {state_line.strip()[-80:]}")
+    print(f"charllm demo: both DAG runs succeeded in {wall:.0f} s")
     print(f"results table : {tables / 'cells.parquet'}  (steps: {tables / 'steps.parquet'})")
     print(f"results store : {home() / 'results' / 'cells'}   catalog: {home() / 'catalog.db'}")
-    for f in figs[-2:]:
-        print(f"figure        : {f}  (+ .pdf)")
+    if runs:
+        folder = runs[-1].parent
+        names = ", ".join(sorted(p.stem for p in folder.glob("*.png")))
+        print(f"figures       : {folder}/ ({names}; each .png + .pdf + .csv)")
+        print(f"report        : {runs[-1]}")
     print("the UI         : make ui   then open http://localhost:8080 (user/password printed by `airflow standalone`),")
     print(f"                 find DAG {dag_id}, press Trigger and fill in the form")
     return 0
