@@ -237,6 +237,11 @@ def grouped_panels(
                 ax.set_yscale("log")
         for x, outcome in pending:
             _mark_outcome(ax, x, width, outcome)
+        measured = [r for r in records if r["metric"] == col and not math.isnan(r["value"])]
+        if not measured and not pending:  # e.g. GPU metrics of a CPU run: say so, draw no empty scale
+            ax.set_yticks([])
+            ax.text(0.5, 0.5, "not measured\n(no GPU telemetry in these cells)", transform=ax.transAxes,
+                    ha="center", va="center", fontsize=8, color="0.4")  # fmt: skip
     for pi in range(len(panels), nrows * ncols):
         axes[pi // ncols][pi % ncols].axis("off")
     if series_col and nser > 1:

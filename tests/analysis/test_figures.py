@@ -180,3 +180,33 @@ def test_cells_without_telemetry_draw_without_energy_figures(replay_module, tmp_
     assert set(_csv(tmp_path, "drift")["metric"]) == {"tokens_per_s"}
     f4 = _csv(tmp_path, "fig4_parallelism")
     assert f4[f4["metric"] == "efficiency_samples_per_s_mj"]["value"].isna().all()
+
+
+def test_cpu_cells_say_not_measured_instead_of_an_empty_scale(tmp_path, monkeypatch):
+    """GPU panels of cells without GPU telemetry carry a note, not axes around nothing."""
+    from charllm.analysis import figures
+
+    shown: list = []
+    real_save = figures._save
+
+    def keep(fig, out_dir, stem, data=None):
+        shown.append(fig)
+        return real_save(fig, out_dir, stem, data)
+
+    monkeypatch.setattr(figures, "_save", keep)
+    summary = pd.DataFrame(
+        {
+            "model": ["tiny", "tiny"],
+            "tp": [1, 1],
+            "opt_code": ["00000", "01000"],
+            "outcome": ["ok", "ok"],
+            "cell_name": ["a", "b"],
+            "tokens_per_s": [2.0e4, 1.5e4],
+        }
+    )
+    paths = figures.grouped_panels(summary, ["model", "tp"], "opt_code", tmp_path, "cpu_panels", "cpu")
+    assert any(p.suffix == ".png" for p in paths)
+    texts = [t.get_text() for ax in shown[0].axes for t in ax.texts]
+    assert texts.count("not measured\n(no GPU telemetry in these cells)") == len(figures.PANELS)
+    data = pd.read_csv(tmp_path / "cpu_panels.csv")
+    assert data["value"].isna().all()  # nothing invented in the plotted data either
