@@ -25,10 +25,8 @@ WINDOW = "charllm-measure"
 class ZeusWindow:
     """Begin/end one Zeus measurement window; :meth:`end` returns the totals in joules."""
 
-    def __init__(self, monitor: Any, gpu_index: int | None, version: str) -> None:
+    def __init__(self, monitor: Any) -> None:
         self.monitor = monitor
-        self.gpu_index = gpu_index
-        self.version = version
         self.open = False
 
     @classmethod
@@ -58,7 +56,7 @@ class ZeusWindow:
             if mode == "on":
                 raise MonitorError(f"telemetry.zeus is 'on' but ZeusMonitor failed: {err}") from err
             return None, f"ZeusMonitor failed: {type(err).__name__}: {err}"
-        return cls(monitor, gpu_index, getattr(zeus, "__version__", "?")), "zeus " + getattr(zeus, "__version__", "?")
+        return cls(monitor), f"zeus {getattr(zeus, '__version__', '?')}"
 
     def begin(self) -> None:
         self.monitor.begin_window(WINDOW)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from charllm.modelcat import ModelShape
+from charllm.telemetry.zeus_window import ZEUS_MODES
 from charllm.train.errors import CellConfigError
 
 ENGINES = ("torch", "megatron")
@@ -192,7 +193,7 @@ class CellSpec:
         _one_of("dataset.kind", self.dataset.kind, DATASET_KINDS)
         _one_of("opt.pp_schedule", self.opt.pp_schedule, ("gpipe", "1f1b"))
         _one_of("opt.attn_backend", self.opt.attn_backend, ATTN_BACKENDS)
-        _one_of("telemetry.zeus", self.telemetry_zeus, ("auto", "on", "off"))
+        _one_of("telemetry.zeus", self.telemetry_zeus, ZEUS_MODES)
         _one_of("opt.bf16_params", self.opt.bf16_params, ("auto", "on", "off"))
         _one_of(
             "opt.compile_mode",

@@ -9,7 +9,15 @@ data). A small pool is built once and cycled, so no time is spent on data during
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+from charllm.errors import CharllmError
+from charllm.train.errors import CellConfigError
+
+if TYPE_CHECKING:
+    from charllm.train.cell import CellSpec
 
 
 class SyntheticTokens:
@@ -124,3 +132,21 @@ class IndexedTokenSource:
         """``n_micro`` consecutive micro batches stacked along the batch dim (for pipelining)."""
         w = torch.cat([self.windows(step * n_micro + m) for m in range(n_micro)]).to(self.device)
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+
+def token_source(cell: CellSpec, dp_rank: int, device: torch.device) -> SyntheticTokens | IndexedTokenSource:
+    """The cell's training data for one data-parallel rank (both engines read it this way)."""
+    if cell.dataset.kind != "indexed":
+        return SyntheticTokens(cell.model.vocab_size, cell.seq_len, cell.micro_batch, cell.seed, dp_rank, device=device)
+    try:
+        return IndexedTokenSource(
+            dataset_dir(cell.dataset.path, cell.dataset.key),
+            cell.model.vocab_size,
+            cell.seq_len,
+            cell.micro_batch,
+            cell.seed,
+            dp_rank,
+            device=device,
+        )
+    except (ValueError, OSError, CharllmError) as err:
+        raise CellConfigError(f"dataset: {err}") from err

@@ -38,11 +38,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from charllm.errors import CharllmError
 from charllm.train.cell import CellSpec
-from charllm.train.data import IndexedTokenSource, SyntheticTokens, dataset_dir
+from charllm.train.data import token_source
 from charllm.train.dist import DistEnv, reduce_step_stats
-from charllm.train.errors import CellConfigError, EngineUnavailableError
+from charllm.train.errors import EngineUnavailableError
 from charllm.train.model import is_gated, padded_vocab, uses_rope
 
 ROPE_BASE = 500000  # as the torch engine (llama3)
@@ -227,24 +226,7 @@ class MegatronEngine:
         self.optimizer_impl = "fused" if self.on_gpu else "foreach"
         self.grad_sync = "allreduce-after-backward" if p.dp > 1 else "none"
 
-        self.data: SyntheticTokens | IndexedTokenSource
-        if cell.dataset.kind == "indexed":
-            try:
-                self.data = IndexedTokenSource(
-                    dataset_dir(cell.dataset.path, cell.dataset.key),
-                    cell.model.vocab_size,
-                    cell.seq_len,
-                    cell.micro_batch,
-                    cell.seed,
-                    self.dp_rank,
-                    device=device,
-                )
-            except (ValueError, OSError, CharllmError) as err:
-                raise CellConfigError(f"dataset: {err}") from err
-        else:
-            self.data = SyntheticTokens(
-                cell.model.vocab_size, cell.seq_len, cell.micro_batch, cell.seed, self.dp_rank, device=device
-            )
+        self.data = token_source(cell, self.dp_rank, device)
         self.position_ids = torch.arange(cell.seq_len, device=device).unsqueeze(0).expand(cell.micro_batch, -1)
         self.reports_loss = self.tp_rank == 0
         self.n_params_local = sum(q.numel() for q in params)

@@ -33,11 +33,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from charllm.errors import CharllmError
 from charllm.train.cell import CellSpec
-from charllm.train.data import IndexedTokenSource, SyntheticTokens, dataset_dir
+from charllm.train.data import token_source
 from charllm.train.dist import DistEnv, reduce_step_stats
-from charllm.train.errors import CellConfigError, EngineUnavailableError
+from charllm.train.errors import EngineUnavailableError
 from charllm.train.model import Transformer, is_gated, loss_fn, split_layers
 
 
@@ -176,6 +175,8 @@ class TorchEngine:
             and p.world_size == 1
             and (device.type == "cuda" or cell.opt.bf16_params == "on")
         )
+        # FSDP2 keeps parameters gathered through the step's micro batches (ZeRO-2-like)
+        self.keep_gathered = not cell.opt.fsdp_reshard_after_forward or self.bf16_params
         if p.fsdp or self.bf16_params:
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -184,7 +185,7 @@ class TorchEngine:
             if mp is not None:
                 kw["mp_policy"] = mp
             # with pipelining, or when asked, keep params gathered across micro batches
-            reshard = p.pp == 1 and cell.opt.fsdp_reshard_after_forward and not self.bf16_params
+            reshard = p.pp == 1 and not self.keep_gathered
             for block in model.layers.values():
                 fully_shard(block, reshard_after_forward=reshard, **kw)
             fully_shard(model, reshard_after_forward=reshard, **kw)
@@ -225,24 +226,7 @@ class TorchEngine:
         self.optimizer = torch.optim.AdamW(groups, lr=cell.opt.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
         self.optimizer_impl = "fused" if fused else "foreach"
 
-        self.data: SyntheticTokens | IndexedTokenSource
-        if cell.dataset.kind == "indexed":
-            try:
-                self.data = IndexedTokenSource(
-                    dataset_dir(cell.dataset.path, cell.dataset.key),
-                    cell.model.vocab_size,
-                    cell.seq_len,
-                    cell.micro_batch,
-                    cell.seed,
-                    self.dp_rank,
-                    device=device,
-                )
-            except (ValueError, OSError, CharllmError) as err:
-                raise CellConfigError(f"dataset: {err}") from err
-        else:
-            self.data = SyntheticTokens(
-                cell.model.vocab_size, cell.seq_len, cell.micro_batch, cell.seed, self.dp_rank, device=device
-            )
+        self.data = token_source(cell, self.dp_rank, device)
         self.schedule: Any = None
         if p.pp > 1:
             from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
@@ -274,7 +258,7 @@ class TorchEngine:
                 ctx = self.model.no_sync()  # type: ignore[operator]
             if self.grad_sync == "fsdp2":
                 self.model.set_requires_gradient_sync(last)  # type: ignore[operator]
-                if not self.cell.opt.fsdp_reshard_after_forward or self.bf16_params:
+                if self.keep_gathered:
                     self.model.set_reshard_after_backward(last)  # type: ignore[operator]
             with ctx:
                 loss = self.loss_fn(self.model(x), y) / self.accum
