@@ -32,6 +32,8 @@ class ParallelSpec:
     cp: int = 1
     ep: int = 1
     fsdp: bool = False
+    # virtual pipeline stages per pipeline rank (interleaved 1F1B); 1 = plain 1F1B
+    pp_virtual: int = 1
 
     @property
     def world_size(self) -> int:
@@ -43,6 +45,8 @@ class OptSpec:
     """Optimisations of the cell (PPT's code ``abcde``: a = overlap, b = recompute) and knobs."""
 
     recompute: bool = False
+    # with recompute: "full" (whole layers) or "selective" (the attention core only)
+    recompute_granularity: str = "full"
     overlap: bool = False
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode for the blocks, e.g. max-autotune-no-cudagraphs
