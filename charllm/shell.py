@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 # Names (campaign, cell, partition, account, ...) end up in file names, job names and
 # shell words. Keep them to a conservative alphabet instead of trusting quoting alone.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}\Z")  # \Z: "$" would accept a trailing newline
 
 
 def is_safe_name(value: str) -> bool:
