@@ -12,6 +12,7 @@ leaves in the environment) and skips it.
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import io
 import json
@@ -46,17 +47,25 @@ _SMOKE = (
 
 
 def source_tarball() -> bytes:
-    """charllm's Python sources as a deterministic .tar.gz (no caches, fixed mtimes)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=9) as tar:
+    """charllm's Python sources as a reproducible .tar.gz: the same sources give the same bytes.
+
+    Sorted members, fixed mtimes, owners and modes, and no timestamp or file name in the
+    gzip header (``tarfile``'s own gzip mode writes the current time there, so the install
+    key changed on every run and each run rebuilt the shared cluster environment).
+    """
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for path in sorted(_PKG.rglob("*.py")):
             if "__pycache__" in path.parts:
                 continue
             info = tar.gettarinfo(str(path), arcname=str(path.relative_to(_PKG.parent)))
-            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = 0, 0, 0, "", "", 0o644
             with path.open("rb") as fh:
                 tar.addfile(info, fh)
-    return buf.getvalue()
+    out = io.BytesIO()
+    with gzip.GzipFile(filename="", fileobj=out, mode="wb", compresslevel=9, mtime=0) as gz:
+        gz.write(raw.getvalue())
+    return out.getvalue()
 
 
 def lock_text() -> str:
