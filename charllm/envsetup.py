@@ -78,7 +78,7 @@ def lock_text() -> str:
 def environment_job(runner: CampaignRunner, attempt: int = 1) -> tuple[JobSpec, str]:
     """The environment job for the runner's cluster, and its lock hash."""
     cluster = runner.lc.cluster
-    env_dir = cluster.env_dir or "charllm-env"
+    env_dir = (cluster.env_dir or "charllm-env").rstrip("/") or "charllm-env"
     src = source_tarball()
     lock = lock_text()
     key = json.dumps(
