@@ -65,9 +65,63 @@ def read_result(job_dir: Path) -> dict[str, Any]:
         metrics = data.get("metrics")
         if not isinstance(metrics, dict) or not metrics:
             raise ResultError(f"{OUTPUT_DIR}/{RESULT_FILE} says ok but carries no metrics")
-        if not (job_dir / OUTPUT_DIR / "steps.csv").is_file():
-            raise ResultError(f"{OUTPUT_DIR}/steps.csv is missing for an ok result")
+        check_outputs(job_dir / OUTPUT_DIR, data)
     return data
+
+
+def _expected_telemetry(result: dict[str, Any]) -> list[str]:
+    """The telemetry files an ok result's provenance says its ranks wrote."""
+    tele = (result.get("provenance") or {}).get("telemetry") or {}
+    prefix = "rank" if tele.get("gpu") else "node_rank"
+    names = []
+    for entry in tele.get("per_rank") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("rank"), int):
+            names.append(f"telemetry/{prefix}{entry['rank']}.parquet")
+    return names
+
+
+def check_outputs(out: Path, result: dict[str, Any]) -> None:
+    """Every output of an ok attempt is there, readable and complete, or :class:`ResultError`.
+
+    ``steps.csv`` parses with its header and at least one measured step; every Parquet file
+    (each rank's telemetry named in the result's provenance, and any other) opens and reads
+    in full: a truncated file (a job killed while writing, a copy cut off) fails here, before
+    the catalog says ``ok`` and before aggregation reads it; every other CSV parses.
+    """
+    import csv
+
+    steps = out / "steps.csv"
+    try:
+        with steps.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except FileNotFoundError:
+        raise ResultError(f"{OUTPUT_DIR}/steps.csv is missing for an ok result") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise ResultError(f"{OUTPUT_DIR}/steps.csv is unreadable: {err}") from err
+    if not rows or "phase" not in rows[0] or not any(r.get("phase") == "measure" for r in rows):
+        raise ResultError(f"{OUTPUT_DIR}/steps.csv has no measured step (header or rows missing)")
+    for rel in _expected_telemetry(result):
+        if not (out / rel).is_file():
+            raise ResultError(f"{OUTPUT_DIR}/{rel} is missing: the result says that rank sampled telemetry")
+    import pyarrow.parquet as pq
+
+    for path in sorted(out.rglob("*.parquet")):
+        rel = path.relative_to(out)
+        try:
+            table = pq.read_table(path)
+        except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
+            raise ResultError(f"{OUTPUT_DIR}/{rel} is unreadable (truncated or damaged): {err}") from err
+        if table.num_rows == 0:
+            raise ResultError(f"{OUTPUT_DIR}/{rel} holds no rows")
+    for path in sorted(out.rglob("*.csv")):
+        if path == steps:
+            continue
+        try:
+            with path.open(newline="") as fh:
+                for _ in csv.reader(fh):
+                    pass
+        except (OSError, UnicodeDecodeError, csv.Error) as err:
+            raise ResultError(f"{OUTPUT_DIR}/{path.relative_to(out)} is unreadable: {err}") from err
 
 
 def file_index(root: Path) -> dict[str, dict[str, Any]]:

@@ -12,12 +12,18 @@ from charllm.catalog import Catalog
 from charllm.errors import ResultError
 from charllm.store import attempt_dir, commit_attempt, read_result, verify
 
+STEPS_CSV = (
+    "step,phase,start_unix_s,end_unix_s,duration_s,loss,tokens\n"
+    "0,warmup,1.0,2.0,1.0,5.0,64\n"
+    "1,measure,2.0,3.0,1.0,4.0,64\n"
+)
+
 
 def _job_dir(tmp: Path, outcome: str = "ok", steps: bool = True) -> None:
     (tmp / "out").mkdir(parents=True, exist_ok=True)
     (tmp / "out" / "result.json").write_text(json.dumps({"outcome": outcome, "metrics": {"tokens_per_s": 10.0}}))
     if steps:
-        (tmp / "out" / "steps.csv").write_text("step,loss\n0,1.0\n")
+        (tmp / "out" / "steps.csv").write_text(STEPS_CSV)
     (tmp / "stdout.log").write_text("hi\n")
 
 
@@ -32,6 +38,47 @@ def test_read_result_rejects_bad_results(tmp_path):
     with pytest.raises(ResultError, match="outcome"):
         read_result(tmp_path)
     _job_dir(tmp_path, steps=False)
+    with pytest.raises(ResultError, match="steps.csv"):
+        read_result(tmp_path)
+
+
+RECORDED = Path(__file__).parent / "data" / "gpu" / "h100-gpt3-125m"
+
+
+def _recorded_ok(tmp: Path) -> Path:
+    """A real ok output of a GPU job (result, steps, rank 0 telemetry, kernels)."""
+    import shutil
+
+    shutil.copytree(RECORDED, tmp / "out")
+    return tmp / "out"
+
+
+def test_recorded_gpu_output_passes(tmp_path):
+    _recorded_ok(tmp_path)
+    assert read_result(tmp_path)["outcome"] == "ok"
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.9, 0.999])
+def test_truncated_telemetry_parquet_is_not_ok(tmp_path, cut):
+    out = _recorded_ok(tmp_path)
+    tele = out / "telemetry" / "rank0.parquet"
+    data = tele.read_bytes()
+    tele.write_bytes(data[: int(len(data) * cut)])
+    with pytest.raises(ResultError, match=r"telemetry/rank0.parquet is unreadable"):
+        read_result(tmp_path)
+
+
+def test_missing_telemetry_of_a_rank_is_not_ok(tmp_path):
+    out = _recorded_ok(tmp_path)
+    (out / "telemetry" / "rank0.parquet").unlink()
+    with pytest.raises(ResultError, match=r"telemetry/rank0.parquet is missing"):
+        read_result(tmp_path)
+
+
+@pytest.mark.parametrize("text", ["", "step,phase\n", "step,phase\n0,warmup\n", "\x00\x01garbage"])
+def test_steps_csv_without_measured_steps_is_not_ok(tmp_path, text):
+    out = _recorded_ok(tmp_path)
+    (out / "steps.csv").write_text(text)
     with pytest.raises(ResultError, match="steps.csv"):
         read_result(tmp_path)
 
