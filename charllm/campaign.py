@@ -29,7 +29,8 @@ from pydantic import (
     model_validator,
 )
 
-from charllm import modelcat
+from charllm import capabilities, modelcat
+from charllm.capabilities import CellView, Refusal
 from charllm.errors import ConfigError
 from charllm.shell import NAME_RE
 
@@ -209,6 +210,7 @@ AXES = (
     "gpus",
     "tp",
     "pp",
+    "pp_virtual",
     "dp",
     "cp",
     "ep",
@@ -224,13 +226,23 @@ AXES = (
 _OptCode = Annotated[str, Field(pattern=r"^[01]{5}$")]
 
 
+_Recompute = bool | Literal["none", "full", "selective"]
+
+
 class Sweep(_Strict):
-    """Sweep axes: each a list of values. ``dp`` may be ``auto`` (gpus / (tp*pp*cp))."""
+    """Sweep axes: each a list of values. ``dp`` may be ``auto`` (gpus / (tp*pp*cp)).
+
+    ``pp_virtual``: virtual pipeline stages per pipeline rank (interleaved 1F1B; 1 = plain).
+    ``recompute``: ``false``/``"none"``, ``true``/``"full"`` (whole layers) or ``"selective"``
+    (the attention core only). With ``opt_code``, its second digit turns recompute on (full,
+    or selective where this axis says so) or off.
+    """
 
     model: list[ModelRef] | None = None
     gpus: list[Annotated[int, Field(ge=1)]] | None = None
     tp: list[Annotated[int, Field(ge=1)]] = [1]
     pp: list[Annotated[int, Field(ge=1)]] = [1]
+    pp_virtual: list[Annotated[int, Field(ge=1)]] = [1]
     dp: list[Annotated[int, Field(ge=1)] | Literal["auto"]] = [1]
     cp: list[Annotated[int, Field(ge=1)]] = [1]
     ep: list[Annotated[int, Field(ge=1)]] = [1]
@@ -238,7 +250,7 @@ class Sweep(_Strict):
     micro_batch: list[Annotated[int, Field(ge=1)]] = [1]
     global_batch: list[Annotated[int, Field(ge=1)]] = [8]
     seq_len: list[Annotated[int, Field(ge=1)]] = [64]
-    recompute: list[bool] = [False]
+    recompute: list[_Recompute] = [False]
     overlap: list[bool] = [False]
     opt_code: list[_OptCode] | None = None
 
@@ -334,6 +346,7 @@ class ParallelLayout(_Strict):
     cp: int
     ep: int
     fsdp: bool
+    pp_virtual: int = 1  # in the hashed dict only when > 1, so older cells keep their ids
 
 
 class Cell(_Strict):
@@ -347,7 +360,7 @@ class Cell(_Strict):
     micro_batch: int
     global_batch: int
     seq_len: int
-    opt: dict[str, bool | float]
+    opt: dict[str, bool | float | str]  # recompute_granularity only when "selective"
     opt_code: str
     steps: int
     warmup: Warmup
@@ -370,6 +383,43 @@ class Cell(_Strict):
     @property
     def grad_accum(self) -> int:
         return self.global_batch // (self.micro_batch * self.parallel.dp)
+
+    @property
+    def recompute_mode(self) -> str:
+        """none | full | selective."""
+        if not self.opt.get("recompute"):
+            return "none"
+        return str(self.opt.get("recompute_granularity", "full"))
+
+    def view(self, cluster_gpus: int | None = None) -> CellView:
+        """The cell as :mod:`charllm.capabilities` judges it; ``cluster_gpus``: the cluster's total, if known."""
+        par = self.parallel
+        return CellView(
+            engine=self.engine,
+            device=capabilities.device_of(self.gpu_type),
+            model=modelcat.ModelShape(**self.model),
+            tp=par.tp,
+            pp=par.pp,
+            pp_virtual=par.pp_virtual,
+            dp=par.dp,
+            cp=par.cp,
+            ep=par.ep,
+            fsdp=par.fsdp,
+            recompute=self.recompute_mode,
+            overlap=bool(self.opt.get("overlap", False)),
+            compile=bool(self.opt.get("compile", False)),
+            micro_batch=self.micro_batch,
+            global_batch=self.global_batch,
+            seq_len=self.seq_len,
+            world_size=self.world_size,
+            gpus_per_node=self.gpus_per_node,
+            cluster_gpus=cluster_gpus,
+        )
+
+
+def cell_refusals(cell: Cell, cluster: ClusterProfile | None = None) -> list[Refusal]:
+    """Why ``cell`` cannot run (on ``cluster``, when given): :func:`charllm.capabilities.refusals`."""
+    return capabilities.refusals(cell.view(cluster.total_gpus if cluster is not None else None))
 
 
 # -- hashing ----------------------------------------------------------------------------
@@ -439,13 +489,25 @@ def load_cluster(name: str, search: Path, source: str) -> ClusterProfile:
 
 
 class LoadedCampaign:
-    """A validated campaign with its cluster and expanded cells."""
+    """A validated campaign with its cluster and expanded cells.
 
-    def __init__(self, campaign: Campaign, cluster: ClusterProfile, cells: list[Cell], source: str) -> None:
+    ``refused``: cell id -> why it cannot run; empty unless loaded with ``check=False``
+    (a checked load raises on the first refused cell instead).
+    """
+
+    def __init__(
+        self,
+        campaign: Campaign,
+        cluster: ClusterProfile,
+        cells: list[Cell],
+        source: str,
+        refused: dict[str, list[Refusal]] | None = None,
+    ) -> None:
         self.campaign = campaign
         self.cluster = cluster
         self.cells = cells
         self.source = source
+        self.refused = refused or {}
 
     @property
     def name(self) -> str:
@@ -466,8 +528,12 @@ class LoadedCampaign:
         return [c for c in self.cells if any(fnmatch.fnmatchcase(c.name, p) or c.cell_id.startswith(p) for p in pats)]
 
 
-def load_campaign(path: str | Path, clusters: Path | None = None) -> LoadedCampaign:
-    """Read, validate and expand a campaign file. Raises ConfigError naming file and field."""
+def load_campaign(path: str | Path, clusters: Path | None = None, check: bool = True) -> LoadedCampaign:
+    """Read, validate and expand a campaign file. Raises ConfigError naming file and field.
+
+    ``check=False`` keeps the cells the capability table refuses (``plan``, ``validate``
+    list them with their reasons in ``LoadedCampaign.refused``) instead of raising.
+    """
     path = Path(path)
     src = str(path)
     data = read_yaml(path)
@@ -480,8 +546,10 @@ def load_campaign(path: str | Path, clusters: Path | None = None) -> LoadedCampa
         cluster = camp.cluster
     else:
         cluster = load_cluster(camp.cluster, clusters or clusters_dir(path), src)
-    cells = expand(camp, cluster, src)
-    return LoadedCampaign(camp, cluster, cells, src)
+    if check:
+        return LoadedCampaign(camp, cluster, expand(camp, cluster, src), src)
+    cells, refused = expand_all(camp, cluster, src)
+    return LoadedCampaign(camp, cluster, cells, src, refused)
 
 
 # -- expansion --------------------------------------------------------------------------
@@ -516,14 +584,26 @@ def _matches(point: dict[str, Any], pattern: dict[str, Any]) -> bool:
         if k == "model":
             pv = pv.name if isinstance(pv, ModelRef) else pv
             v = v["name"] if isinstance(v, dict) else v
+        elif k == "recompute":
+            pv, v = _recompute(pv), _recompute(v)
+        elif k == "pp_virtual":
+            pv = 1 if pv is None else pv
         if pv != v:
             return False
     return True
 
 
+def _recompute(value: Any) -> str:
+    try:
+        return capabilities.recompute_mode(value)
+    except ValueError:
+        return repr(value)  # an unknown value matches nothing; resolve() names it
+
+
 def _point_name(p: dict[str, Any], shape: modelcat.ModelShape, code: str) -> str:
     par = p["parallel"]
-    bits = [shape.name, f"tp{par['tp']}pp{par['pp']}dp{par['dp']}"]
+    vp = f"vp{par['pp_virtual']}" if par.get("pp_virtual", 1) > 1 else ""
+    bits = [shape.name, f"tp{par['tp']}pp{par['pp']}{vp}dp{par['dp']}"]
     if par["cp"] > 1:
         bits[-1] += f"cp{par['cp']}"
     if par["ep"] > 1:
@@ -531,18 +611,43 @@ def _point_name(p: dict[str, Any], shape: modelcat.ModelShape, code: str) -> str
     if par["fsdp"]:
         bits.append("fsdp")
     bits += [f"mb{p['micro_batch']}", f"gb{p['global_batch']}", f"s{p['seq_len']}", code]
+    if p["opt"].get("recompute_granularity") == "selective":
+        bits.append("rsel")
     return "-".join(bits)
 
 
-def resolve(camp: Campaign, cluster: ClusterProfile, point: dict[str, Any], source: str, where: str) -> Cell:
-    """Turn one sweep point into a checked Cell."""
+def refusal_error(source: str, where: str, cell_name: str, refused: Sequence[Refusal]) -> ConfigError:
+    """A refused cell as a ConfigError: the file, ``where.field`` of the first reason, the cell and every reason."""
+    first, rest = refused[0], refused[1:]
+    msg = f"cell {cell_name} cannot run: {first.reason}"
+    if rest:
+        msg += f" (and {len(rest)} more: " + "; ".join(str(r) for r in rest) + ")"
+    return ConfigError(source, f"{where}.{first.field}", msg)
 
+
+def resolve(
+    camp: Campaign, cluster: ClusterProfile, point: dict[str, Any], source: str, where: str, check: bool = True
+) -> Cell:
+    """Turn one sweep point into a Cell checked against :mod:`charllm.capabilities`.
+
+    A point that names no cell (dp ``auto`` not dividing ``gpus``, ``gpus`` not tp*pp*dp*cp)
+    always raises; a cell the capability table refuses raises only with ``check``.
+    """
+    cell, refused = _resolve(camp, cluster, point, source, where)
+    if check and refused:
+        raise refusal_error(source, where, cell.name, refused)
+    return cell
+
+
+def _resolve(
+    camp: Campaign, cluster: ClusterProfile, point: dict[str, Any], source: str, where: str
+) -> tuple[Cell, list[Refusal]]:
     def bad(field: str, msg: str) -> ConfigError:
         return ConfigError(source, f"{where}.{field}", msg)
 
     ref = _model_ref(point.get("model", camp.model), source, f"{where}.model")
     shape = ref.shape()
-    tp, pp, cp, ep = (int(point.get(k, 1)) for k in ("tp", "pp", "cp", "ep"))
+    tp, pp, cp, ep, vp = (int(point.get(k, 1)) for k in ("tp", "pp", "cp", "ep", "pp_virtual"))
     dp_raw = point.get("dp", 1)
     gpus = point.get("gpus")
     if dp_raw == "auto":
@@ -556,53 +661,41 @@ def resolve(camp: Campaign, cluster: ClusterProfile, point: dict[str, Any], sour
     world = tp * pp * dp * cp
     if gpus is not None and gpus != world:
         raise bad("gpus", f"world size mismatch: gpus={gpus} but tp*pp*dp*cp = {tp}*{pp}*{dp}*{cp} = {world}")
+    try:
+        mode = capabilities.recompute_mode(point.get("recompute", False))
+    except ValueError as err:
+        raise bad("recompute", str(err)) from None
     code = point.get("opt_code")
     if code is not None:
-        overlap, recompute = code[0] == "1", code[1] == "1"
+        overlap = code[0] == "1"
+        mode = ("selective" if mode == "selective" else "full") if code[1] == "1" else "none"
     else:
-        overlap, recompute = bool(point.get("overlap", False)), bool(point.get("recompute", False))
-        code = f"{int(overlap)}{int(recompute)}000"
+        overlap = bool(point.get("overlap", False))
+        code = f"{int(overlap)}{int(mode != 'none')}000"
     mb, gb, seq = int(point.get("micro_batch", 1)), int(point.get("global_batch", 8)), int(point.get("seq_len", 64))
     fsdp = bool(point.get("fsdp", False))
-
-    if shape.n_heads % tp:
-        raise bad("tp", f"tensor parallel size {tp} does not divide {shape.name}'s {shape.n_heads} attention heads")
-    if shape.kv_heads % tp and tp % shape.kv_heads:
-        raise bad("tp", f"tensor parallel size {tp} and {shape.kv_heads} KV heads do not divide one another")
-    if shape.n_layers % pp:
-        raise bad("pp", f"pipeline parallel size {pp} does not divide {shape.name}'s {shape.n_layers} layers")
-    if gb % (mb * dp):
-        raise bad("global_batch", f"global batch {gb} is not divisible by micro_batch*dp = {mb}*{dp}")
-    if seq % cp:
-        raise bad("cp", f"context parallel size {cp} does not divide sequence length {seq}")
-    if seq > shape.max_seq_len:
-        raise bad("seq_len", f"{seq} exceeds {shape.name}'s maximum sequence length {shape.max_seq_len}")
-    if ep > 1:
-        if not shape.num_experts:
-            raise bad("ep", f"expert parallel size {ep} on dense model {shape.name}")
-        if shape.num_experts % ep:
-            raise bad("ep", f"expert parallel size {ep} does not divide {shape.num_experts} experts")
-        if (dp * cp) % ep:
-            raise bad("ep", f"expert parallel size {ep} does not divide dp*cp = {dp * cp}")
-    if world > cluster.total_gpus:
-        raise bad("gpus", f"cell needs {world} GPUs, cluster {cluster.name} has {cluster.total_gpus}")
-    if world > cluster.gpus_per_node and world % cluster.gpus_per_node:
-        raise bad("gpus", f"world size {world} is not a whole number of {cluster.gpus_per_node}-GPU nodes")
     nodes = max(1, -(-world // cluster.gpus_per_node))
 
+    # knobs at their default stay out of the hashed dict: older cells keep their ids
+    parallel: dict[str, Any] = {"tp": tp, "pp": pp, "dp": dp, "cp": cp, "ep": ep, "fsdp": fsdp}
+    if vp != 1:
+        parallel["pp_virtual"] = vp
+    opt: dict[str, Any] = {
+        "recompute": mode != "none",
+        "overlap": overlap,
+        "compile": camp.compile,
+        "profile": camp.profile_kernels,
+        "lr": camp.learning_rate,
+    }
+    if mode == "selective":
+        opt["recompute_granularity"] = "selective"
     resolved: dict[str, Any] = {
         "model": shape.as_dict(),
-        "parallel": {"tp": tp, "pp": pp, "dp": dp, "cp": cp, "ep": ep, "fsdp": fsdp},
+        "parallel": parallel,
         "micro_batch": mb,
         "global_batch": gb,
         "seq_len": seq,
-        "opt": {
-            "recompute": recompute,
-            "overlap": overlap,
-            "compile": camp.compile,
-            "profile": camp.profile_kernels,
-            "lr": camp.learning_rate,
-        },
+        "opt": opt,
         "opt_code": code,
         "steps": camp.steps,
         "warmup": camp.warmup.model_dump(),
@@ -618,11 +711,11 @@ def resolve(camp: Campaign, cluster: ClusterProfile, point: dict[str, Any], sour
     }
     cid = cell_hash(resolved)
     name = _point_name(resolved, shape, code)
-    return Cell.model_validate({"campaign": camp.name, "cell_id": cid, "name": name, **resolved})
+    cell = Cell.model_validate({"campaign": camp.name, "cell_id": cid, "name": name, **resolved})
+    return cell, cell_refusals(cell, cluster)
 
 
-def expand(camp: Campaign, cluster: ClusterProfile, source: str = "<campaign>") -> list[Cell]:
-    """All cells of a campaign: product of axes, plus include, minus exclude; deduplicated."""
+def _points(camp: Campaign) -> list[tuple[str, dict[str, Any]]]:
     axes = _axis_values(camp)
     keys = list(axes)
     points: list[tuple[str, dict[str, Any]]] = []
@@ -632,13 +725,39 @@ def expand(camp: Campaign, cluster: ClusterProfile, source: str = "<campaign>") 
     base = {k: v[0] for k, v in axes.items() if len(v) == 1}
     for i, inc in enumerate(camp.include):
         points.append((f"include[{i}]", {**base, **inc}))
+    return points
+
+
+def expand(camp: Campaign, cluster: ClusterProfile, source: str = "<campaign>") -> list[Cell]:
+    """All cells of a campaign: product of axes, plus include, minus exclude; deduplicated.
+
+    Raises ConfigError (file, ``sweep[i]``/``include[i]`` and field, cell name, reason) for
+    the first cell the capability table refuses.
+    """
     cells: dict[str, Cell] = {}
-    for where, point in points:
+    for where, point in _points(camp):
         cell = resolve(camp, cluster, point, source, where)
         cells.setdefault(cell.cell_id, cell)
     if not cells:
         raise ConfigError(source, "sweep", "the sweep expands to no cells")
     return list(cells.values())
+
+
+def expand_all(
+    camp: Campaign, cluster: ClusterProfile, source: str = "<campaign>"
+) -> tuple[list[Cell], dict[str, list[Refusal]]]:
+    """Like :func:`expand`, but refused cells are kept: (cells, cell id -> why it cannot run)."""
+    cells: dict[str, Cell] = {}
+    refused: dict[str, list[Refusal]] = {}
+    for where, point in _points(camp):
+        cell, why = _resolve(camp, cluster, point, source, where)
+        cells.setdefault(cell.cell_id, cell)
+        if why:
+            have = refused.setdefault(cell.cell_id, [])
+            have.extend(r for r in why if r not in have)
+    if not cells:
+        raise ConfigError(source, "sweep", "the sweep expands to no cells")
+    return list(cells.values()), refused
 
 
 def discover(directory: Path) -> list[Path]:

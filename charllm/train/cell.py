@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from charllm import capabilities
 from charllm.modelcat import ModelShape
 from charllm.telemetry.zeus_window import ZEUS_MODES
-from charllm.train.errors import CellConfigError
+from charllm.train.errors import CellConfigError, EngineUnavailableError
 
 ENGINES = ("torch", "megatron")
 PRECISIONS = ("bf16", "fp32")
@@ -188,9 +189,28 @@ class CellSpec:
         spec.check()
         return spec
 
+    def view(self, device_type: str | None = None) -> capabilities.CellView:
+        """The cell as :mod:`charllm.capabilities` judges it (device: ``torch.device.type``, else from gpu_type)."""
+        return capabilities.spec_view(self, device_type)
+
+    def check_engine(self, device_type: str) -> None:
+        """Raise :class:`EngineUnavailableError` if the cell's engine cannot run it on ``device_type``.
+
+        The same table as the campaign validator (:mod:`charllm.capabilities`); the job calls
+        it before it builds any engine.
+        """
+        refused = capabilities.refusals(self.view(device_type))
+        layout = [str(r) for r in refused if r.kind != "engine"]
+        if layout:
+            raise CellConfigError("; ".join(layout))
+        engine = [str(r) for r in refused if r.kind == "engine"]
+        if engine:
+            raise EngineUnavailableError(
+                f"cell {self.name or self.cell_id} cannot run on {device_type}: " + "; ".join(engine)
+            )
+
     def check(self) -> None:
-        """Raise :class:`CellConfigError` for values no engine can run."""
-        m, p = self.model, self.parallel
+        """Raise :class:`CellConfigError` for values no engine can run (:mod:`charllm.capabilities` layout rules)."""
         _one_of("engine", self.engine, ENGINES)
         _one_of("precision", self.precision, PRECISIONS)
         _one_of("gpu_type", self.gpu_type, GPU_TYPES)
@@ -204,35 +224,12 @@ class CellSpec:
             self.opt.compile_mode,
             ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
         )
-        for name in ("tp", "pp", "dp", "cp", "ep"):
-            if getattr(p, name) < 1:
-                raise CellConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
-        for name in ("micro_batch", "global_batch", "seq_len", "steps"):
-            if getattr(self, name) < 1:
-                raise CellConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.world_size != p.world_size:
-            raise CellConfigError(
-                f"world_size {self.world_size} != tp*pp*dp*cp = {p.tp}*{p.pp}*{p.dp}*{p.cp} = {p.world_size}"
-            )
-        if self.global_batch % (self.micro_batch * p.dp):
-            raise CellConfigError(
-                f"global_batch {self.global_batch} is not a multiple of micro_batch*dp = {self.micro_batch}*{p.dp}"
-            )
-        if self.seq_len > m.max_seq_len:
-            raise CellConfigError(f"seq_len {self.seq_len} > model.max_seq_len {m.max_seq_len}")
-        if m.hidden % m.n_heads:
-            raise CellConfigError(f"model.hidden {m.hidden} is not a multiple of n_heads {m.n_heads}")
-        if m.n_heads % m.kv_heads:
-            raise CellConfigError(f"model.n_heads {m.n_heads} is not a multiple of n_kv_heads {m.kv_heads}")
-        for what, n in (("n_heads", m.n_heads), ("n_kv_heads", m.kv_heads), ("ffn_hidden", m.ffn_hidden)):
-            if n % p.tp:
-                raise CellConfigError(f"model.{what} {n} is not divisible by tp {p.tp}")
-        if p.pp > m.n_layers:
-            raise CellConfigError(f"pp {p.pp} > model.n_layers {m.n_layers}")
-        if m.num_experts and not 0 < m.top_k <= m.num_experts:
-            raise CellConfigError(f"model.top_k {m.top_k} must be in 1..num_experts {m.num_experts}")
-        if p.ep > 1 and (not m.num_experts or m.num_experts % p.ep):
-            raise CellConfigError(f"ep {p.ep} needs a MoE model whose num_experts divides by it")
+        _one_of("opt.recompute_granularity", self.opt.recompute_granularity, ("full", "selective"))
+        if self.steps < 1:
+            raise CellConfigError(f"steps must be >= 1, got {self.steps}")
+        layout = [r for r in capabilities.refusals(self.view()) if r.kind != "engine"]
+        if layout:
+            raise CellConfigError("; ".join(str(r) for r in layout))
         w = self.warmup
         if w.min_steps < 0 or w.max_steps < w.min_steps:
             raise CellConfigError(f"warmup needs 0 <= min_steps <= max_steps, got {w.min_steps}, {w.max_steps}")

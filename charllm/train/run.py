@@ -107,6 +107,8 @@ class Job:
                 f"cell wants world_size {cell.world_size} (tp*pp*dp*cp) but the launcher started {denv.world_size} ranks"
             )
         device = pick_device(cell.gpu_type, denv.local_rank)
+        # the capability table the campaign validator used (charllm.capabilities), before any engine
+        cell.check_engine(device.type)
         torch.manual_seed(cell.seed)
         init_process_group(denv, device)
         try:

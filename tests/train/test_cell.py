@@ -51,11 +51,11 @@ def test_missing_model_key_is_named(example_cell: dict[str, Any]) -> None:
         ({"steps": True}, "steps must be int, got a boolean"),
         ({"precision": "fp16"}, "precision must be one of bf16, fp32"),
         ({"gpu_type": "tpu"}, "gpu_type must be one of"),
-        ({"global_batch": 7}, "not a multiple of micro_batch"),
-        ({"seq_len": 4096}, "max_seq_len"),
-        ({"parallel": {"tp": 3}}, "world_size"),
+        ({"global_batch": 7}, "global_batch: global batch 7 is not divisible by micro_batch\\*dp"),
+        ({"seq_len": 4096}, "seq_len: 4096 exceeds tiny's maximum sequence length 256"),
+        ({"parallel": {"tp": 3}}, "world size mismatch: world_size 2"),
         ({"opt": {"recompute": "yes"}}, "opt.recompute must be bool"),
-        ({"parallel": {"ep": 2}}, "ep 2 needs a MoE model"),
+        ({"parallel": {"ep": 2}}, "ep: expert parallel size 2 on dense model tiny"),
         ({"warmup": {"min_steps": 5, "max_steps": 2}}, "min_steps <= max_steps"),
         ({"telemetry": {"hz": 0}}, "telemetry.hz must be > 0"),
     ],
@@ -70,7 +70,7 @@ def test_bad_values(over: dict[str, Any], message: str) -> None:
 
 def test_tp_must_divide_heads() -> None:
     cell = make_cell(parallel={"tp": 8})
-    with pytest.raises(CellConfigError, match="n_heads 4 is not divisible by tp 8"):
+    with pytest.raises(CellConfigError, match="tp: tensor parallel size 8 does not divide tiny's 4 attention heads"):
         CellSpec.from_dict(cell)
 
 
