@@ -128,7 +128,7 @@ def build(variant: str, shape: modelcat.ModelShape, seq: int):
 def run(variant: str, args: argparse.Namespace) -> float:
     shape = modelcat.get("gpt3-1.3b")
     seq, mb, accum = 2048, args.mb, args.gb // args.mb
-    cfg, model, opt, vocab = build(variant, shape, seq)
+    _cfg, model, opt, _vocab = build(variant, shape, seq)
     pos = torch.arange(seq, device="cuda").unsqueeze(0).expand(mb, -1)
     gen = torch.Generator(device="cuda").manual_seed(1)
     batches = [torch.randint(0, shape.vocab_size, (mb, seq + 1), device="cuda", generator=gen) for _ in range(accum)]
@@ -169,11 +169,7 @@ def run(variant: str, args: argparse.Namespace) -> float:
     print(
         f"{variant:24s} step {dt * 1e3:8.1f} ms  tokens/s {tok:9.0f}  MFU {mfu:.4f}  max mem {mem:6.1f} GiB", flush=True
     )
-    del model, opt, batches
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    return mfu
+    return mfu  # model and optimizer go with this frame; main() collects them
 
 
 def main() -> int:
@@ -199,6 +195,9 @@ def main() -> int:
     for v in args.variants.split(","):
         try:
             res[v] = run(v, args)
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         except Exception as err:  # report and go on to the next variant
             import traceback
 
