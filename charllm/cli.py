@@ -1,7 +1,7 @@
 """The command-line twin of the campaign DAGs, for people who script around Airflow.
 
-charllm validate [FILE...]        check campaign files (all of include/campaigns by default)
-charllm plan FILE [--cells GLOB]   cells, hashes, which are done, estimated GPU-hours
+charllm validate [FILE...]        check campaign files (all of include/campaigns by default), list refused cells
+charllm plan FILE [--cells GLOB]   cells, hashes, whether each can run, which are done, estimated GPU-hours
 charllm render FILE DEST           write the sbatch scripts without submitting
 charllm run FILE [--cells GLOB]    run cells now through the campaign's backend (no Airflow)
 charllm status FILE                attempts and outcomes from the catalog
@@ -27,22 +27,30 @@ def _progress(i: int, n: int, what: str) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     paths = [Path(p) for p in args.files] or discover(campaigns_dir())
-    bad = 0
+    bad = refused = 0
     loaded = []
     for p in paths:
         try:
-            lc = load_campaign(p)
+            lc = load_campaign(p, check=False)
         except ConfigError as err:
             bad += 1
             print(f"ERROR {err}")
             continue
         loaded.append(lc)
-        print(f"ok    {p}: {len(lc.cells)} cells on {lc.cluster.name}")
+        if lc.refused:
+            bad += 1
+            refused += len(lc.refused)
+            print(f"ERROR {p}: {len(lc.refused)} of {len(lc.cells)} cells cannot run on {lc.cluster.name}")
+            for c in lc.cells:
+                for r in lc.refused.get(c.cell_id, []):
+                    print(f"      {c.name}: {r}")
+        else:
+            print(f"ok    {p}: {len(lc.cells)} cells on {lc.cluster.name}, all runnable")
     if loaded:
         owners = dedupe(loaded)
         shared = sum(1 for v in owners.values() if len(v) > 1)
         total = sum(len(lc.cells) for lc in loaded)
-        print(f"{total} cells in {len(loaded)} campaigns, {len(owners)} unique ({shared} shared)")
+        print(f"{total} cells in {len(loaded)} campaigns, {len(owners)} unique ({shared} shared), {refused} refused")
     return 1 if bad else 0
 
 
@@ -55,19 +63,26 @@ def estimate_hours(lc_cluster_time_limit: str, world: int, repeats: int) -> floa
 def cmd_plan(args: argparse.Namespace) -> int:
     from charllm.catalog import Catalog
 
-    lc = load_campaign(args.file)
+    lc = load_campaign(args.file, check=False)
     cat = Catalog()
     reps = args.repeats or lc.campaign.repeats
     todo_h = 0.0
-    print(f"{'cell':<56} {'hash':<16} {'gpus':>4}  status")
-    for c in lc.select(args.cells):
+    cells = lc.select(args.cells)
+    print(f"{'cell':<56} {'hash':<16} {'gpus':>4}  {'runnable':<8}  status")
+    for c in cells:
+        why = lc.refused.get(c.cell_id)
         done = [r for r in range(reps) if cat.valid_result(c.cell_id, r) is not None]
         status = "done" if len(done) == reps else (f"{len(done)}/{reps} done" if done else "to run")
-        if len(done) < reps:
+        if len(done) < reps and not why:
             todo_h += estimate_hours(lc.cluster_for(c).time_limit, c.world_size, reps - len(done))
-        print(f"{c.name:<56} {c.cell_id:<16} {c.world_size:>4}  {status}")
+        runnable = "no" if why else "yes"
+        print(f"{c.name:<56} {c.cell_id:<16} {c.world_size:>4}  {runnable:<8}  {status}")
+        for r in why or []:
+            print(f"    cannot run: {r}")
+    n_bad = sum(1 for c in cells if c.cell_id in lc.refused)
+    print(f"{len(cells) - n_bad} of {len(cells)} cells runnable (engine {lc.campaign.engine} on {lc.cluster.name})")
     print(f"GPU-hours still to spend (at each cell's job time limit, an upper bound): {todo_h:.1f}")
-    return 0
+    return 1 if n_bad else 0
 
 
 def cmd_render(args: argparse.Namespace) -> int:

@@ -15,7 +15,8 @@ from typing import Any
 import jinja2
 
 from charllm.backends.base import JobIdentity, JobSpec, parse_time_limit
-from charllm.campaign import Cell, ClusterProfile
+from charllm.campaign import Cell, ClusterProfile, cell_refusals
+from charllm.errors import ConfigError
 from charllm.paths import include_dir
 from charllm.shell import q
 
@@ -61,6 +62,14 @@ def dataset_dir_word(dataset: dict[str, Any], data_home: Path | None = None) -> 
     return shell_path(f"{base.rstrip('/')}/{key}")
 
 
+def check_runnable(cell: Cell, cluster: ClusterProfile) -> None:
+    """Raise ConfigError (campaign, cell, every reason) unless :mod:`charllm.capabilities` lets ``cell`` run."""
+    refused = cell_refusals(cell, cluster)
+    if refused:
+        reasons = "; ".join(str(r) for r in refused)
+        raise ConfigError(f"campaign {cell.campaign}", f"cell {cell.name}", f"cannot run on {cluster.name}: {reasons}")
+
+
 def render_script(
     cell: Cell,
     cluster: ClusterProfile,
@@ -68,6 +77,8 @@ def render_script(
     python: str | None = None,
     data_home: Path | None = None,
 ) -> str:
+    """The job script of ``cell`` on ``cluster``; a cell the capability table refuses raises ConfigError."""
+    check_runnable(cell, cluster)
     tasks_per_node = cell.world_size if cell.nodes == 1 else cluster.gpus_per_node
     gres = cluster.gres_per_node
     if gres is None and cluster.gpu_type != "cpu":
