@@ -150,3 +150,114 @@ def test_bad_campaign_names_file_and_field(include_tmp, kind):
     msg = str(exc.value)
     assert str(p) in msg, msg
     assert field in exc.value.field or field in msg, msg
+
+
+# -- cell ids stay put; the new axes ------------------------------------------------------------------
+
+# ids computed before pp_virtual and recompute modes existed: a knob at its default moves no id
+GOLDEN_IDS = {
+    ("demo.yaml", "tiny-tp1pp1dp1-mb2-gb8-s64-00000"): "95d650a415ad8acf",
+    ("demo.yaml", "tiny-tp1pp1dp2-mb2-gb8-s64-01000"): "231e522323a97e1f",
+    ("charllm-h100-opt.yaml", "gpt3-175b-tp2pp32dp1-mb1-gb128-s2048-10000"): "9b07c691b20191bc",
+    ("charllm-h100-opt.yaml", "llama3-70b-tp8pp1dp8-fsdp-mb1-gb128-s8192-11000"): "06637ae8487ea592",
+    ("charllm-h200-opt.yaml", "mixtral-8x7b-tp2pp1dp16ep4-mb1-gb128-s4096-00000"): "61b86140fb6f1095",
+    ("charllm-microbatch.yaml", "gpt3-175b-tp1pp32dp1-mb2-gb128-s2048-01000"): "4bdaa1dbf2665830",
+    ("charllm-fig4-parallelism.yaml", "gpt3-175b-tp2pp16dp1-mb1-gb128-s2048-01000"): "8a25e87f5f56713b",
+    ("charllm-small.yaml", "gpt3-1.3b-L4-tp1pp1dp2-mb2-gb32-s2048-00000"): "48f673651b24e0ef",
+    ("charllm-small-1gpu.yaml", "llama3-8b-L2-tp1pp1dp1-mb1-gb8-s4096-01000"): "9351847457ce0589",
+}
+
+
+def test_golden_cell_ids() -> None:
+    ids: dict[tuple[str, str], str] = {}
+    for fname in {f for f, _ in GOLDEN_IDS}:
+        for c in load_campaign(REPO / "include" / "campaigns" / fname).cells:
+            ids[(fname, c.name)] = c.cell_id
+    assert {k: ids.get(k) for k in GOLDEN_IDS} == GOLDEN_IDS
+
+
+def test_new_axes_at_their_defaults_keep_ids(include_tmp):
+    base = {c.name: c.cell_id for c in load_campaign(write(include_tmp, GOOD, "a.yaml")).cells}
+    explicit = GOOD.replace("sweep:\n", "sweep:\n  pp_virtual: [1]\n  recompute: [none]\n")
+    assert {c.name: c.cell_id for c in load_campaign(write(include_tmp, explicit, "b.yaml")).cells} == base
+    on = {
+        c.name: c.cell_id for c in load_campaign(write(include_tmp, GOOD + "include:\n  - {recompute: true}\n")).cells
+    }
+    full = GOOD + "include:\n  - {recompute: full}\n"
+    assert {c.name: c.cell_id for c in load_campaign(write(include_tmp, full, "c.yaml")).cells} == on
+    lc = load_campaign(write(include_tmp, full, "c.yaml"))
+    assert all("recompute_granularity" not in c.opt and c.parallel.pp_virtual == 1 for c in lc.cells)
+
+
+GPU_MEGATRON = """\
+name: t
+cluster: {name: g, gpu_type: h100, gpus_per_node: 8, nodes: 1}
+model: gpt3-125m
+engine: megatron
+sweep:
+  gpus: [8]
+  tp: [2]
+  pp: [2]
+  dp: [auto]
+  pp_virtual: [1, 3]
+  recompute: [full, selective]
+  global_batch: [16]
+"""
+
+
+def test_pp_virtual_and_selective_recompute_are_new_cells(include_tmp):
+    lc = load_campaign(write(include_tmp, GPU_MEGATRON))
+    assert len(lc.cells) == 4 and len({c.name for c in lc.cells}) == 4
+    by = {(c.parallel.pp_virtual, c.recompute_mode): c for c in lc.cells}
+    assert set(by) == {(1, "full"), (3, "full"), (1, "selective"), (3, "selective")}
+    assert by[(3, "selective")].name == "gpt3-125m-tp2pp2vp3dp2-mb1-gb16-s64-01000-rsel"
+    assert by[(1, "full")].name == "gpt3-125m-tp2pp2dp2-mb1-gb16-s64-01000"
+    assert by[(1, "selective")].opt["recompute_granularity"] == "selective"
+    # the job reads both knobs
+    from charllm.train.cell import CellSpec
+
+    spec = CellSpec.from_dict(by[(3, "selective")].job_config(0))
+    assert spec.parallel.pp_virtual == 3 and spec.opt.recompute and spec.opt.recompute_granularity == "selective"
+    # opt_code's recompute digit keeps a selective axis selective
+    coded = load_campaign(write(include_tmp, GPU_MEGATRON + '  opt_code: ["01000", "00000"]\n', "c.yaml"))
+    assert {c.recompute_mode for c in coded.cells} == {"full", "selective", "none"}
+    # exclude matches recompute in any spelling
+    ex = load_campaign(write(include_tmp, GPU_MEGATRON + "exclude:\n  - {recompute: true}\n", "d.yaml"))
+    assert {c.recompute_mode for c in ex.cells} == {"selective"}
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field", "words"),
+    [
+        ("engine: megatron", "engine: torch", "pp_virtual", "the torch engine's pipeline schedules"),
+        ("gpu_type: h100", "gpu_type: cpu", "recompute", "selective activation recompute .* on cpu"),
+        ("pp_virtual: [1, 3]", "pp_virtual: [5]", "pp_virtual", "2\\*5 = 10 does not divide gpt3-125m's 12 layers"),
+    ],
+)
+def test_new_axes_are_checked(include_tmp, old, new, field, words):
+    text = GPU_MEGATRON.replace(old, new)
+    if "cpu" in new:
+        text = text.replace("pp_virtual: [1, 3]", "pp_virtual: [1]").replace("[full, selective]", "[selective]")
+    if "torch" in new:
+        text = text.replace("[full, selective]", "[full]")
+    p = write(include_tmp, text)
+    with pytest.raises(ConfigError, match=words) as exc:
+        load_campaign(p)
+    err = exc.value
+    assert err.source == str(p) and err.field.startswith("sweep[") and err.field.endswith("." + field)
+    assert "cell gpt3-125m-tp2pp2" in err.message
+
+
+def test_refused_cell_names_file_where_cell_and_reason(include_tmp):
+    p = write(include_tmp, GOOD + "include:\n  - {tp: 3, dp: 1}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_campaign(p)
+    assert exc.value.field == "include[0].tp"
+    assert str(exc.value).startswith(
+        f"{p}: include[0].tp: cell tiny-tp3pp1dp1-mb1-gb8-s64-00000 cannot run: tensor parallel size 3 does not "
+        "divide tiny's 4 attention heads (and 4 more: tp: tensor parallel size 3 does not divide tiny's 4 KV heads; "
+    )
+    # unchecked, the campaign keeps the cell and says why it cannot run
+    lc = load_campaign(p, check=False)
+    (cid,) = lc.refused
+    assert [r.field for r in lc.refused[cid]] == ["tp", "tp", "tp", "gpus", "gpus"]

@@ -124,3 +124,92 @@ def test_small_campaign_fits_the_lent_machine(loaded):
     assert {c.opt_code for c in lc.cells} == {"00000", "01000"}
     assert {c.micro_batch for c in lc.cells if c.model["name"] == "gpt3-1.3b-L4"} == {1, 2, 4}
     assert {(c.parallel.tp, c.parallel.dp) for c in lc.cells} == {(1, 2), (2, 1)}
+
+
+# -- a campaign that validates must run ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fname", PAPER)
+def test_every_paper_cell_passes_the_capability_check(loaded, fname):
+    from charllm.campaign import cell_refusals
+    from charllm.capabilities import job_refusals
+    from charllm.train.cell import CellSpec
+
+    lc = loaded[fname]
+    assert lc.campaign.engine == "megatron" and lc.cluster.gpu_type in ("h100", "h200")
+    for c in lc.cells:
+        assert cell_refusals(c, lc.cluster) == [], c.name
+        spec = CellSpec.from_dict(c.job_config(0))  # the job's own checks
+        assert job_refusals(spec, "cuda") == [], c.name
+        spec.check_engine("cuda")
+
+
+def test_plan_shows_every_paper_cell_runnable(loaded, charllm_home, capsys):
+    from charllm.cli import main
+
+    for fname in PAPER:
+        assert main(["plan", str(CAMPAIGNS / fname)]) == 0
+        out = capsys.readouterr().out
+        lines = out.splitlines()
+        assert lines[0].split()[:5] == ["cell", "hash", "gpus", "runnable", "status"]
+        names = {c.name for c in loaded[fname].cells}
+        rows = [ln.split() for ln in lines[1:] if ln.split() and ln.split()[0] in names]
+        assert len(rows) == len(names) and all(r[3] == "yes" and r[4:] == ["to", "run"] for r in rows)
+        assert f"{EXPECTED[fname][1]} of {EXPECTED[fname][1]} cells runnable (engine megatron" in out
+        assert "cannot run" not in out
+
+
+def test_validate_reports_no_refused_paper_cell(capsys):
+    from charllm.cli import main
+
+    assert main(["validate", *(str(CAMPAIGNS / f) for f in PAPER)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("all runnable") == 4 and out.rstrip().endswith(", 0 refused")
+
+
+@pytest.mark.parametrize(
+    ("fname", "entry", "cell", "field", "why"),
+    [
+        # tp 16 passes "a multiple of the KV heads" but no engine splits 8 KV heads 16 ways
+        (
+            "charllm-h100-opt.yaml",
+            {"model": "llama3-70b", "seq_len": 8192, "tp": 16, "pp": 4, "opt_code": "00000"},
+            "llama3-70b-tp16pp4dp1-mb1-gb128-s8192-00000",
+            "tp",
+            "tensor parallel size 16 does not divide llama3-70b's 8 KV heads",
+        ),
+        (
+            "charllm-h200-opt.yaml",
+            {"model": "gpt3-175b", "seq_len": 2048, "tp": 8, "pp": 2, "cp": 2, "opt_code": "00000"},
+            "gpt3-175b-tp8pp2dp1cp2-mb1-gb128-s2048-00000",
+            "cp",
+            "engine 'megatron' does not support context parallelism",
+        ),
+        (
+            "charllm-fig4-parallelism.yaml",
+            {"model": "gpt3-175b", "seq_len": 2048, "tp": 8, "pp": 1, "ep": 2},
+            "gpt3-175b-tp8pp1dp4ep2-mb1-gb128-s2048-01000",
+            "ep",
+            "expert parallel size 2 on dense model gpt3-175b",
+        ),
+        (
+            "charllm-microbatch.yaml",
+            {"model": "gpt3-175b", "seq_len": 2048, "tp": 8, "pp": 4, "pp_virtual": 5, "micro_batch": 1},
+            "gpt3-175b-tp8pp4vp5dp1-mb1-gb128-s2048-01000",
+            "pp_virtual",
+            "pp\\*pp_virtual = 4\\*5 = 20 does not divide gpt3-175b's 96 layers",
+        ),
+    ],
+)
+def test_impossible_cell_is_refused_with_file_cell_and_reason(tmp_path, fname, entry, cell, field, why):
+    data = yaml.safe_load((CAMPAIGNS / fname).read_text())
+    data["include"].append(entry)
+    where = f"include[{len(data['include']) - 1}]"
+    p = tmp_path / "campaigns" / fname
+    p.parent.mkdir()
+    p.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=why) as exc:
+        load_campaign(p, clusters=REPO / "include" / "clusters")
+    err = exc.value
+    assert (err.source, err.field) == (str(p), f"{where}.{field}")
+    assert str(err).startswith(f"{p}: {where}.{field}: cell {cell} cannot run: ")

@@ -85,3 +85,59 @@ def test_hostile_env_values_and_paths_are_quoted(tmp_path):
     assert out.stdout.endswith(hostile)
     assert not marker.exists()
     assert "'" + weird_python.replace("'", "'\"'\"'") + "'" in spec.script
+
+
+REFUSED = """\
+name: refused
+cluster: local-cpu
+model: tiny-llama
+engine: megatron
+sweep:
+  dp: [1, 2]
+  global_batch: [8]
+"""
+
+
+def test_render_refuses_a_cell_that_cannot_run(include_tmp):
+    from charllm.errors import ConfigError
+
+    p = include_tmp / "campaigns" / "refused.yaml"
+    p.write_text(REFUSED)
+    with pytest.raises(ConfigError, match="RotaryEmbedding"):
+        load_campaign(p)  # the validator refuses it first
+    lc = load_campaign(p, check=False)
+    cell = lc.cells[0]
+    with pytest.raises(ConfigError) as exc:
+        render_script(cell, lc.cluster, JobIdentity(lc.name, cell.cell_id, 0, 1), "/opt/env/bin/python")
+    msg = str(exc.value)
+    assert msg.startswith(f"campaign refused: cell {cell.name}: cannot run on local-cpu: model: engine 'megatron'")
+    assert "RotaryEmbedding" in msg
+    # a cluster too small for a runnable cell
+    demo = load_campaign(REPO / "include/campaigns/demo.yaml")
+    dp2 = next(c for c in demo.cells if c.world_size == 2)
+    small = demo.cluster.model_copy(update={"gpus_per_node": 1, "nodes": 1})
+    with pytest.raises(ConfigError, match="cell needs 2 GPUs, the cluster has 1"):
+        job_spec(dp2, small, JobIdentity("demo", dp2.cell_id, 0, 1))
+
+
+def test_plan_and_validate_show_unrunnable_cells(include_tmp, charllm_home, capsys):
+    from charllm.cli import main
+
+    p = include_tmp / "campaigns" / "refused.yaml"
+    p.write_text(REFUSED.replace("model: tiny-llama", "model: tiny") + "include:\n  - {dp: 1, recompute: true}\n")
+    assert main(["plan", str(p)]) == 1
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:5] == ["cell", "hash", "gpus", "runnable", "status"]
+    rows = {ln.split()[0]: ln.split()[3] for ln in out.splitlines() if ln.startswith("tiny-")}
+    assert rows == {
+        "tiny-tp1pp1dp1-mb1-gb8-s64-00000": "yes",
+        "tiny-tp1pp1dp2-mb1-gb8-s64-00000": "yes",
+        "tiny-tp1pp1dp1-mb1-gb8-s64-01000": "no",
+    }
+    assert "    cannot run: recompute: engine 'megatron' cannot run full activation recompute" in out
+    assert "2 of 3 cells runnable (engine megatron on local-cpu)" in out
+    assert main(["validate", str(p)]) == 1
+    out = capsys.readouterr().out
+    assert f"ERROR {p}: 1 of 3 cells cannot run on local-cpu" in out and out.rstrip().endswith("1 refused")
+    assert main(["render", str(p), str(include_tmp / "out")]) == 2  # the runner's strict load refuses the file
+    assert "cannot run" in capsys.readouterr().err
