@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from charllm.modelcat import ModelShape
 
@@ -112,18 +112,6 @@ class EngineCaps:
         if feature.startswith("recompute:"):
             return feature.removeprefix("recompute:") in self.recompute
         return feature in self.parallel or feature in self.knobs
-
-    def table(self) -> dict[str, Any]:
-        """The entry as plain data (for ``charllm plan`` and the docs)."""
-        return {
-            "parallel": sorted(self.parallel),
-            "families": sorted(self.families),
-            "recompute": sorted(self.recompute),
-            "knobs": sorted(self.knobs),
-            "devices": sorted(self.devices),
-            "device_limits": {d: dict(v) for d, v in self.device_limits.items()},
-            "combos": [(sorted(c), why) for c, why in self.combos],
-        }
 
 
 _ROPE_ON_CPU = (
