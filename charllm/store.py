@@ -100,9 +100,9 @@ def check_outputs(out: Path, result: dict[str, Any]) -> None:
         raise ResultError(f"{OUTPUT_DIR}/steps.csv is unreadable: {err}") from err
     if not rows or "phase" not in rows[0] or not any(r.get("phase") == "measure" for r in rows):
         raise ResultError(f"{OUTPUT_DIR}/steps.csv has no measured step (header or rows missing)")
-    for rel in _expected_telemetry(result):
-        if not (out / rel).is_file():
-            raise ResultError(f"{OUTPUT_DIR}/{rel} is missing: the result says that rank sampled telemetry")
+    for name in _expected_telemetry(result):
+        if not (out / name).is_file():
+            raise ResultError(f"{OUTPUT_DIR}/{name} is missing: the result says that rank sampled telemetry")
     import pyarrow.parquet as pq
 
     for path in sorted(out.rglob("*.parquet")):
