@@ -1,4 +1,4 @@
-"""The install and dataset stages.
+"""The install and dataset stages: two setup jobs with one life (find, submit, wait, judge).
 
 On the local backend the training environment is the orchestrator's own interpreter:
 ``install`` verifies that it imports the training stack and records versions. On a
@@ -12,6 +12,7 @@ leaves in the environment) and skips it.
 from __future__ import annotations
 
 import base64
+import functools
 import gzip
 import hashlib
 import io
@@ -20,12 +21,14 @@ import logging
 import subprocess
 import sys
 import tarfile
-import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from charllm.backends.base import JobHandle, JobIdentity, JobSpec, JobState, JobStatus
-from charllm.errors import CharllmError, ConfigError
+from charllm.errors import CharllmError, ConfigError, SubmitLimitError
+from charllm.outcomes import Action
 from charllm.paths import include_dir
 from charllm.render import shell_path, templates
 from charllm.shell import q
@@ -111,8 +114,116 @@ def environment_job(runner: CampaignRunner, attempt: int = 1) -> tuple[JobSpec, 
     return JobSpec(ident, script, files), lock_hash
 
 
+ENV_MAX_ATTEMPTS = 5
+DATA_MAX_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class SetupJob:
+    """A job keyed by its content (the environment, the dataset): run once, shared by every run."""
+
+    kind: str  # "environment" | "dataset"
+    make: Callable[[int], tuple[JobSpec, str]]  # attempt -> (spec, key)
+    max_attempts: int
+    wait_s: float | None = None  # how long a synchronous wait may take (None: no limit)
+
+
+def setup_job(runner: CampaignRunner, kind: str) -> SetupJob:
+    if kind == "environment":
+        return SetupJob(kind, lambda a: environment_job(runner, a), ENV_MAX_ATTEMPTS)
+    if kind == "dataset":
+        return SetupJob(kind, lambda a: dataset_job(runner, a), DATA_MAX_ATTEMPTS, _DATA_TIME_LIMIT_S + 600)
+    raise ValueError(f"unknown setup job {kind!r}")
+
+
+def _done_message(runner: CampaignRunner, kind: str, key: str, job_id: str) -> str:
+    if kind == "environment":
+        return f"environment {runner.lc.cluster.env_dir} (lock {key}) was built by job {job_id}: skipped"
+    return f"dataset {dataset_dir_of(runner)} was prepared by job {job_id} (key {key}): skipped"
+
+
+def setup_step(runner: CampaignRunner, kind: str) -> dict[str, Any]:
+    """Find the setup job's newest attempt: completed (skip), in flight (wait for it), else submit the next.
+
+    An attempt that ended without completing (a previous run's failure) is followed by the
+    next attempt, up to the job's ``max_attempts``. Remote calls wait out transport outages.
+    """
+    job = setup_job(runner, kind)
+    patience = runner.patience()
+    attempt = 1
+    while True:
+        spec, key = job.make(attempt)
+        found = patience.call(functools.partial(runner.backend.find, spec.identity), f"looking for the {kind} job")
+        if found is None:
+            break
+        st = patience.call(functools.partial(_status, runner, found.job_id), f"polling the {kind} job")
+        if st.state is JobState.COMPLETED:
+            log.info("%s", _done_message(runner, kind, key, found.job_id))
+            return {"skipped": True, "key": key, "job_id": found.job_id}
+        if not st.state.is_terminal:
+            log.info("%s job %s (key %s) is still %s: waiting for it", kind, found.job_id, key, st.state.value)
+            return {"skipped": False, "key": key, "job_id": found.job_id, "handle": found.as_dict()}
+        if attempt >= job.max_attempts:
+            raise CharllmError(
+                f"the {kind} job failed {attempt} times; last: job {found.job_id} ended {st.state.value} in "
+                f"{found.workdir}\n{runner.job_tail(found, 4000)}"
+            )
+        log.warning("%s job %s ended %s; trying again as attempt %d", kind, found.job_id, st.state.value, attempt + 1)
+        attempt += 1
+    handle = _submit_setup(runner, kind, spec)
+    log.info("%s job %s submitted (key %s) in %s", kind, handle.job_id, key, handle.workdir)
+    return {"skipped": False, "key": key, "job_id": handle.job_id, "handle": handle.as_dict()}
+
+
+def _status(runner: CampaignRunner, job_id: str) -> JobStatus:
+    return runner.backend.statuses([job_id])[job_id]
+
+
+def _submit_setup(runner: CampaignRunner, kind: str, spec: JobSpec) -> JobHandle:
+    """Submit a setup job, waiting out transport outages and submit-limit refusals."""
+    n = 0
+    while True:
+        try:
+            return runner.patience().call(lambda: runner.backend.submit(spec), f"submitting the {kind} job")
+        except SubmitLimitError as err:
+            delay = runner.submit_limit_delay(n)
+            log.warning("%s; submitting again in %.0f s", err, delay)
+            runner.sleep(delay)
+            n += 1
+
+
+def setup_after_end(runner: CampaignRunner, kind: str, handle: JobHandle, status: JobStatus) -> dict[str, Any]:
+    """Judge an ended setup job: finished; a lost job's next attempt (its handle); or raise with its log tail."""
+    job = setup_job(runner, kind)
+    attempt = handle.identity.attempt
+    if status.state is JobState.COMPLETED:
+        return {"action": str(Action.FINISHED), "job_id": handle.job_id, "state": status.state.value}
+    tail = runner.job_tail(handle, 4000)
+    if status.state.is_retryable and attempt < job.max_attempts:
+        log.warning("%s job %s ended %s: submitting attempt %d", kind, handle.job_id, status.state.value, attempt + 1)
+        spec, _ = job.make(attempt + 1)
+        new = _submit_setup(runner, kind, spec)
+        return {"action": str(Action.RESUBMIT), "job_id": new.job_id, "handle": new.as_dict()}
+    raise CharllmError(
+        f"{kind} job {handle.job_id} ended {status.state.value} (exit code {status.exit_code}); see {handle.workdir}\n"
+        f"{tail}"
+    )
+
+
+def wait_setup_job(runner: CampaignRunner, kind: str, handle: JobHandle) -> dict[str, Any]:
+    """Wait (synchronously) for a setup job and its resubmissions until it completed; raises if it failed."""
+    job = setup_job(runner, kind)
+    while True:
+        st = runner.wait_for(handle, kind, job.wait_s)
+        log.info("%s", runner.job_tail(handle, 4000).replace("--- job ", f"--- {kind} job "))
+        step = setup_after_end(runner, kind, handle, st)
+        if step["action"] == Action.FINISHED:
+            return {"skipped": False, "job_id": handle.job_id, "handle": handle.as_dict(), "state": st.state.value}
+        handle = JobHandle.from_dict(step["handle"])
+
+
 def ensure_environment(runner: CampaignRunner) -> dict[str, Any]:
-    """Local: verify. Cluster: skip if built, else submit the environment job (returns its handle)."""
+    """Local: verify. Cluster: skip if built, else find or submit the environment job (returns its handle)."""
     if runner.backend.name == "local":
         proc = subprocess.run([sys.executable, "-c", _SMOKE], capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
@@ -120,46 +231,9 @@ def ensure_environment(runner: CampaignRunner) -> dict[str, Any]:
         info = json.loads(proc.stdout.strip().splitlines()[-1])
         log.info("local training environment OK: %s", info)
         return {"backend": "local", "python": sys.executable, "skipped": True, **info}
-    attempt = 1
-    while True:
-        spec, lock_hash = environment_job(runner, attempt)
-        found = runner.backend.find(spec.identity)
-        if found is None:
-            break
-        st = runner.backend.statuses([found.job_id])[found.job_id]
-        if st.state is JobState.COMPLETED:
-            log.info(
-                "environment %s (lock %s) was built by job %s: skipped",
-                runner.lc.cluster.env_dir,
-                lock_hash,
-                found.job_id,
-            )
-            return {"skipped": True, "lock_hash": lock_hash, "job_id": found.job_id}
-        if not st.state.is_terminal:
-            log.info(
-                "environment job %s (lock %s) is still %s: waiting for it", found.job_id, lock_hash, st.state.value
-            )
-            return {"skipped": False, "lock_hash": lock_hash, "handle": found.as_dict()}
-        log.warning(
-            "environment job %s ended %s; trying again as attempt %d", found.job_id, st.state.value, attempt + 1
-        )
-        attempt += 1
-        if attempt > 5:
-            raise CharllmError(f"the environment job failed {attempt - 1} times; see {found.workdir}")
-    handle = runner.backend.submit(spec)
-    log.info("environment job %s submitted (lock %s) in %s", handle.job_id, lock_hash, handle.workdir)
-    return {"skipped": False, "lock_hash": lock_hash, "handle": handle.as_dict()}
-
-
-def check_environment_job(runner: CampaignRunner, handle: JobHandle, state: JobState, exit_code: int | None) -> None:
-    """Raise with the job's log tail unless the environment job succeeded."""
-    if state is JobState.COMPLETED:
-        return
-    out, err = runner.backend.tail(handle, 4000)
-    raise CharllmError(
-        f"environment job {handle.job_id} ended {state.value} (exit code {exit_code})\n"
-        f"--- stdout ---\n{out}\n--- stderr ---\n{err}"
-    )
+    step = setup_step(runner, "environment")
+    step["lock_hash"] = step["key"]
+    return step
 
 
 DATA_CAMPAIGN = "charllm-data"
@@ -232,88 +306,28 @@ def dataset_job(runner: CampaignRunner, attempt: int = 1) -> tuple[JobSpec, str]
     return JobSpec(ident, script, files, time_limit_s=_DATA_TIME_LIMIT_S), key
 
 
-def _wait(runner: CampaignRunner, handle: JobHandle, timeout_s: float) -> JobStatus:
-    deadline = time.monotonic() + timeout_s
-    last: JobState | None = None
-    while True:
-        st = runner.backend.statuses([handle.job_id])[handle.job_id]
-        if st.state is not last:
-            log.info("dataset job %s: %s%s", handle.job_id, st.state.value, f" on {st.nodes}" if st.nodes else "")
-            last = st.state
-        if st.state.is_terminal:
-            return st
-        if time.monotonic() > deadline:
-            raise CharllmError(
-                f"dataset job {handle.job_id} did not end within {timeout_s:.0f} s (still "
-                f"{st.state.value}); see {handle.workdir}"
-            )
-        time.sleep(runner.poll_interval_s)
-
-
-def ensure_dataset(runner: CampaignRunner, max_attempts: int = 3) -> dict[str, Any]:
+def ensure_dataset(runner: CampaignRunner) -> dict[str, Any]:
     """Prepare the campaign's dataset: nothing for ``synthetic``; the dataset job for ``indexed``.
 
     The dataset job (``python -m charllm.dataprep``, itself idempotent) is submitted through
     ``runner.backend`` (local or Slurm, same interface) under the identity
     ``charllm-data/data<key>`` and skipped when a job with the same key completed before.
     Unlike the install stage (a deferrable sensor), this waits **synchronously**, polling
-    ``backend.statuses`` every ``runner.poll_interval_s`` and holding its worker: the job is
-    short (tokenizing a corpus once). The job's output tail goes into the log; a failed job
-    raises :class:`CharllmError` with its stdout and stderr tails.
+    every ``runner.poll_interval_s`` and holding its worker: the job is short (tokenizing a
+    corpus once). Its life is the one of every setup job (:func:`setup_step`,
+    :func:`setup_after_end`); the job's output tail goes into the log; a failed job raises
+    :class:`CharllmError` with its stdout and stderr tails.
     """
     ds = runner.lc.campaign.dataset
     if ds.kind == "synthetic":
         log.info("dataset: synthetic, generated by each job from the cell's seed; nothing to prepare")
         return {"kind": "synthetic"}
-    attempt = 1
-    handle: JobHandle | None = None
-    while True:
-        spec, key = dataset_job(runner, attempt)
-        out_dir = dataset_dir_of(runner)
-        found = runner.backend.find(spec.identity)
-        if found is None:
-            break
-        st = runner.backend.statuses([found.job_id])[found.job_id]
-        if st.state is JobState.COMPLETED:
-            log.info("dataset %s was prepared by job %s (key %s): skipped", out_dir, found.job_id, key)
-            return {"kind": "indexed", "skipped": True, "key": key, "dir": out_dir, "job_id": found.job_id}
-        if not st.state.is_terminal:
-            log.info("dataset job %s (key %s) is still %s: waiting for it", found.job_id, key, st.state.value)
-            handle = found
-            break
-        log.warning("dataset job %s ended %s; trying again as attempt %d", found.job_id, st.state.value, attempt + 1)
-        attempt += 1
-        if attempt > max_attempts:
-            out, err = runner.backend.tail(found, 4000)
-            raise CharllmError(
-                f"the dataset job failed {attempt - 1} times; last: job {found.job_id} in "
-                f"{found.workdir}\n--- stdout ---\n{out}\n--- stderr ---\n{err}"
-            )
-    if handle is None:
-        handle = runner.backend.submit(spec)
-        log.info("dataset job %s submitted (key %s) in %s: %s", handle.job_id, key, handle.workdir, out_dir)
-    st = _wait(runner, handle, _DATA_TIME_LIMIT_S + 600)
-    out, err = runner.backend.tail(handle, 4000)
-    log.info(
-        "--- dataset job %s stdout (tail) ---\n%s\n--- dataset job %s stderr (tail) ---\n%s",
-        handle.job_id,
-        out,
-        handle.job_id,
-        err,
-    )
-    if st.state is not JobState.COMPLETED:
-        raise CharllmError(
-            f"dataset job {handle.job_id} ended {st.state.value} (exit code {st.exit_code}); see {handle.workdir}\n"
-            f"--- stdout ---\n{out}\n--- stderr ---\n{err}"
-        )
-    return {
-        "kind": "indexed",
-        "skipped": False,
-        "key": key,
-        "dir": out_dir,
-        "job_id": handle.job_id,
-        "handle": handle.as_dict(),
-    }
+    out_dir = dataset_dir_of(runner)
+    step = setup_step(runner, "dataset")
+    if step["skipped"]:
+        return {"kind": "indexed", "dir": out_dir, **step}
+    waited = wait_setup_job(runner, "dataset", JobHandle.from_dict(step["handle"]))
+    return {"kind": "indexed", "key": step["key"], "dir": out_dir, **waited}
 
 
 def dataset_dir_of(runner: CampaignRunner) -> str:

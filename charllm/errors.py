@@ -21,11 +21,27 @@ class ConfigError(CharllmError):
 
 
 class TransportError(CharllmError):
-    """Talking to the cluster (SSH, local subprocess) failed; usually worth a reconnect."""
+    """Talking to the cluster (SSH, local subprocess) failed; usually worth a reconnect.
+
+    ``retryable`` is False where waiting cannot help (authentication refused, a wrong host key):
+    the lifecycle's transport patience gives up on those at once.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        self.retryable = retryable
+        super().__init__(message)
 
 
 class SubmissionError(CharllmError):
     """The scheduler refused a job (sbatch error, bad resources)."""
+
+
+class SubmitLimitError(SubmissionError):
+    """The scheduler refused a job for a per-user, account or QOS submit limit: wait and submit again."""
+
+
+class StorageError(CharllmError):
+    """Writing results here failed (disk full, permission denied); the message names the path."""
 
 
 class ParseError(CharllmError):

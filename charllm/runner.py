@@ -1,54 +1,210 @@
-"""A campaign's cell lifecycle, independent of Airflow: plan, submit, judge, collect.
+"""A campaign's lifecycle, independent of Airflow: one implementation for the UI and the shell.
 
-The Airflow tasks and the command-line twin both call this module, so a campaign run
-from the UI and one run from a shell do the same thing. Nothing here imports Airflow.
+setup (the environment job and its wait, the dataset job) -> plan -> per cell repeat:
+submit-or-reattach -> wait -> judge the terminal state (resubmit / finished / failed, within
+the attempt budget) -> collect -> aggregate.
+
+The DAG's tasks (``charllm.orchestrate``: the setup tasks, the deferrable sensor, collect)
+call the steps one by one; ``charllm run`` calls :meth:`CampaignRunner.run`, which drives the
+same steps in a loop. Every decision about a job state is made here (:func:`judge`,
+:meth:`CampaignRunner.on_end`, :mod:`charllm.envsetup`'s setup jobs), in the words of
+:mod:`charllm.outcomes`. Nothing here imports Airflow.
+
+Settings (each an environment variable; the cluster profile field of the same name, where
+the profile has one, comes next; then the default):
+
+- ``CHARLLM_TRANSPORT_PATIENCE_S`` / ``transport_patience_s`` (1800): how long the cluster
+  may be unreachable (SSH down, controller down) before a step gives up;
+- ``CHARLLM_MAX_ATTEMPTS`` / ``max_attempts`` (3): attempts of a cell repeat per run when
+  its jobs are lost (node failure, pre-emption, a job the scheduler forgot);
+- ``CHARLLM_MAX_JOBS_IN_FLIGHT`` / ``max_jobs_in_flight`` (none): jobs of one cluster in
+  flight at once, counted in the catalog across every DAG run and ``charllm run``;
+- ``CHARLLM_RESERVATION_LEASE_S`` (600): how long another orchestrator's reservation (an
+  attempt it is submitting) is respected when its owner runs on another host;
+- ``CHARLLM_SUBMIT_LIMIT_BACKOFF_S`` / ``submit_limit_backoff_s`` (30): the first wait after
+  sbatch refused a job for a per-user, account or QOS submit limit (then doubling, to 10 min);
+- ``CHARLLM_SLURM_TRANSPORT`` / ``slurm_transport`` (``ssh``): ``local`` runs the Slurm
+  commands of this machine instead of going through the SSH connection.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from dataclasses import dataclass
+import os
+import random
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from charllm.backends import make_backend
 from charllm.backends.base import Backend, JobHandle, JobIdentity, JobState, JobStatus, parse_time_limit
 from charllm.campaign import Cell, LoadedCampaign, load_campaign
-from charllm.catalog import Catalog
-from charllm.errors import ConfigError, JobFailedError, ResultError
+from charllm.catalog import AttemptRow, Catalog, Reserved, owner_alive, process_token
+from charllm.errors import (
+    ConfigError,
+    JobFailedError,
+    ResultError,
+    SubmissionError,
+    SubmitLimitError,
+    TransportError,
+)
+from charllm.outcomes import Action, AttemptState, Outcome, SubmitKind
 from charllm.paths import home as default_home
 from charllm.render import job_spec, write_dry_run
 from charllm.store import commit_attempt, now_iso, read_result
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 OOM_EXIT_CODE = 42  # charllm.train's exit code after a CUDA out-of-memory error
+DEFAULT_PATIENCE_S = 1800.0
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_LEASE_S = 600.0
+# sbatch refusals for submit limits: first wait, doubling up to the cap, jittered
+SUBMIT_LIMIT_BACKOFF_S = (30.0, 600.0)
+
+
+def setting(name: str, cluster: Any, default: T, kind: Callable[[str], T]) -> T:
+    """``CHARLLM_<NAME>`` from the environment, else the cluster profile's ``name``, else ``default``."""
+    env = os.environ.get(f"CHARLLM_{name.upper()}")
+    if env not in (None, ""):
+        try:
+            return kind(env)  # type: ignore[arg-type]
+        except ValueError as err:
+            raise ConfigError(f"$CHARLLM_{name.upper()}", name, f"not a number: {env!r}") from err
+    value = getattr(cluster, name, None)
+    return kind(value) if value is not None else default
+
+
+# -- the one policy for terminal job states ------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Verdict:
     """What a terminal job state means for its cell."""
 
-    outcome: str  # ok | oom | failed | timeout | cancelled | lost
-    retry: bool  # resubmit (counted against the task's retries)
-    fail_task: bool  # the Airflow task fails
-    no_retry: bool  # ... and Airflow must not retry it
+    outcome: Outcome
+    action: Action
+    retryable: bool = True  # a failed cell: may clearing its task group (a new attempt) help?
+    reason: str = ""
+
+    # the older boolean view (the Airflow layer's words)
+    @property
+    def retry(self) -> bool:
+        return self.action is Action.RESUBMIT
+
+    @property
+    def fail_task(self) -> bool:
+        return self.action is Action.FAILED
+
+    @property
+    def no_retry(self) -> bool:
+        return self.action is Action.FAILED and not self.retryable
 
 
-def judge(status: JobStatus) -> Verdict:
-    """Map a terminal job state to the policy of the state table."""
+def judge(status: JobStatus, attempts_used: int = 1, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> Verdict:
+    """The state table: a terminal job state -> outcome and what to do next.
+
+    ========================================  =========  ==========================================
+    state                                     outcome    action
+    ========================================  =========  ==========================================
+    COMPLETED                                 ok         finished (collect; outputs are validated)
+    OUT_OF_MEMORY, FAILED with exit 42        oom        finished (a result: the cell does not fit)
+    NODE_FAIL, PREEMPTED, BOOT_FAIL, LOST     lost       resubmit, until ``max_attempts`` per run
+    TIMEOUT, DEADLINE                         timeout    failed, a new attempt will not help
+    CANCELLED, REVOKED                        cancelled  failed, not retried (a person did it)
+    anything else (FAILED, ...)               failed     failed (clear the cell to try again)
+    ========================================  =========  ==========================================
+    """
     st = status.state
     if st.is_success:
-        return Verdict("ok", False, False, False)
+        return Verdict(Outcome.OK, Action.FINISHED)
     if st is JobState.OUT_OF_MEMORY or (st is JobState.FAILED and status.exit_code == OOM_EXIT_CODE):
-        return Verdict("oom", False, False, False)
+        return Verdict(Outcome.OOM, Action.FINISHED)
     if st.is_retryable:
-        return Verdict("lost", True, False, False)
+        if attempts_used < max_attempts:
+            return Verdict(Outcome.LOST, Action.RESUBMIT, reason=f"{st.value}: attempt {attempts_used + 1}")
+        return Verdict(
+            Outcome.LOST, Action.FAILED, True, f"{st.value}: {attempts_used} of {max_attempts} attempts lost"
+        )
     if st is JobState.TIMEOUT or st is JobState.DEADLINE:
-        return Verdict("timeout", False, True, True)
+        return Verdict(Outcome.TIMEOUT, Action.FAILED, False, "time limit")
     if st is JobState.CANCELLED or st is JobState.REVOKED:
-        return Verdict("cancelled", False, True, True)
-    return Verdict("failed", False, True, False)
+        return Verdict(Outcome.CANCELLED, Action.FAILED, False, "cancelled")
+    return Verdict(Outcome.FAILED, Action.FAILED, True, f"{st.value} (exit code {status.exit_code})")
+
+
+# -- waiting out the cluster ---------------------------------------------------------------
+
+
+def backoff_delay(n: int, low: float, high: float) -> float:
+    """Exponential from ``low``, capped at ``high``, jittered by 0.5..1.5 (never above ``high``)."""
+    return float(min(high, min(high, low * 2**n) * random.uniform(0.5, 1.5)))
+
+
+class Patience:
+    """Wait out transport outages: retry a step with a bounded, jittered back-off until ``patience_s``.
+
+    Only :class:`TransportError` with ``retryable`` is waited out (SSH refused, the controller
+    down, a dropped connection); authentication and host-key errors fail at once.
+    """
+
+    def __init__(
+        self,
+        patience_s: float,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        min_delay_s: float = 2.0,
+        max_delay_s: float = 60.0,
+    ) -> None:
+        self.patience_s = patience_s
+        self.sleep = sleep
+        self.clock = clock
+        self.min_delay_s = min(min_delay_s, max(0.05, patience_s / 10))
+        self.max_delay_s = min(max_delay_s, max(0.1, patience_s / 4))
+
+    def call(self, fn: Callable[[], T], what: str, since: float | None = None) -> T:
+        """``fn()``, retried while the cluster is unreachable; ``since``: the outage began before this call."""
+        start = since
+        n = 0
+        while True:
+            try:
+                return fn()
+            except TransportError as err:
+                if not err.retryable:
+                    raise
+                now = self.clock()
+                start = now if start is None else start
+                waited = now - start
+                if waited >= self.patience_s:
+                    raise TransportError(
+                        f"{what}: the cluster was unreachable for {waited:.0f} s, longer than the transport "
+                        f"patience of {self.patience_s:.0f} s (CHARLLM_TRANSPORT_PATIENCE_S): {err}",
+                        retryable=False,
+                    ) from err
+                delay = min(backoff_delay(n, self.min_delay_s, self.max_delay_s), self.patience_s - waited + 0.01)
+                log.warning(
+                    "%s: the cluster is unreachable (%s); trying again in %.1f s (unreachable for %.0f s of a "
+                    "patience of %.0f s)",
+                    what,
+                    err,
+                    delay,
+                    waited,
+                    self.patience_s,
+                )
+                self.sleep(delay)
+                n += 1
+
+
+# -- the backend -----------------------------------------------------------------------------
 
 
 def backend_for(lc: LoadedCampaign, home: Path) -> Backend:
@@ -73,12 +229,41 @@ def backend_for(lc: LoadedCampaign, home: Path) -> Backend:
             "workdir": cluster.workdir or "charllm-work",
             "partition": cluster.partition,
             "poll_interval_s": cluster.poll_interval_s,
+            # "local": this machine's Slurm commands (Airflow on a login node; the tests' fake scheduler)
+            "transport": setting("slurm_transport", cluster, "ssh", str),
         }
     )
 
 
+@dataclass
+class Submission:
+    """What :meth:`CampaignRunner.submit_or_reattach` did for a cell repeat."""
+
+    kind: SubmitKind
+    handle: JobHandle | None = None
+    result: dict[str, Any] | None = None  # DONE: the valid result
+    reason: str = ""  # WAIT: why not now
+    retry_in_s: float = 0.0  # WAIT: when to try again
+    transport: bool = False  # WAIT because the cluster was unreachable (counts against the patience)
+
+
+@dataclass
+class RunReport:
+    """What ``charllm run`` did."""
+
+    run_id: str
+    planned: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)
+    figures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
 class CampaignRunner:
-    """Everything the DAG's tasks do, for one campaign."""
+    """Every step of a campaign, for the DAG's tasks and for ``charllm run``."""
 
     def __init__(
         self,
@@ -86,17 +271,22 @@ class CampaignRunner:
         catalog: Catalog | None = None,
         home: Path | None = None,
         backend: Backend | None = None,
+        owner: str | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.lc = lc
         self.home = home or default_home()
         self.catalog = catalog or Catalog()
         self.backend = backend or backend_for(lc, self.home)
+        self.owner = owner or process_token()
+        self.sleep = sleep
         self._cells = {c.cell_id: c for c in lc.cells}
 
     @classmethod
     def from_file(cls, path: str | Path, **kw: Any) -> CampaignRunner:
         return cls(load_campaign(path), **kw)
 
+    # -- settings ---------------------------------------------------------------------------
     @property
     def data_home(self) -> Path | None:
         """Where relative dataset paths start: the results home on the local backend, else the login home."""
@@ -106,11 +296,55 @@ class CampaignRunner:
     def poll_interval_s(self) -> float:
         return self.lc.cluster.poll_interval_s
 
+    @property
+    def patience_s(self) -> float:
+        return setting("transport_patience_s", self.lc.cluster, DEFAULT_PATIENCE_S, float)
+
+    @property
+    def max_attempts(self) -> int:
+        return max(1, setting("max_attempts", self.lc.cluster, DEFAULT_MAX_ATTEMPTS, int))
+
+    @property
+    def max_in_flight(self) -> int | None:
+        n = setting("max_jobs_in_flight", self.lc.cluster, 0, int)
+        return n if n > 0 else None
+
+    @property
+    def lease_s(self) -> float:
+        return setting("reservation_lease_s", None, DEFAULT_LEASE_S, float)
+
+    def submit_limit_delay(self, n: int) -> float:
+        """How long to wait after the ``n``-th sbatch refusal in a row for a submit limit (``submit_limit_backoff_s``)."""
+        low = setting("submit_limit_backoff_s", self.lc.cluster, SUBMIT_LIMIT_BACKOFF_S[0], float)
+        return backoff_delay(n, low, max(low, SUBMIT_LIMIT_BACKOFF_S[1]))
+
+    @property
+    def cluster_key(self) -> str:
+        """Jobs in flight are counted per cluster profile (the same profile, the same queue)."""
+        return self.lc.cluster.name
+
+    def patience(self) -> Patience:
+        return Patience(self.patience_s, sleep=self.sleep)
+
     def cell(self, cell_id: str) -> Cell:
         try:
             return self._cells[cell_id]
         except KeyError:
             raise ConfigError(self.lc.source, "cells", f"no cell {cell_id!r} in campaign {self.lc.name}") from None
+
+    def select(self, pattern: str | None) -> list[Cell]:
+        """The cells a filter picks; a filter that picks none is an error that lists a few names."""
+        cells = self.lc.select(pattern)
+        if not cells:
+            names = [c.name for c in self.lc.cells]
+            few = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+            raise ConfigError(
+                self.lc.source,
+                "cells",
+                f"the filter {pattern!r} matches no cell of campaign {self.lc.name} (comma-separated globs over "
+                f"cell names, or cell-hash prefixes); its cells are: {few}",
+            )
+        return cells
 
     # -- planning -----------------------------------------------------------------------
     def register(self) -> None:
@@ -127,20 +361,22 @@ class CampaignRunner:
         numbered after the highest repeat it has, so every night adds measurements and none
         replaces another.
         """
+        cells = self.select(pattern)
         self.register()
         reps = repeats or self.lc.campaign.repeats
         items = []
         if append:
-            for cell in self.lc.select(pattern):
+            for cell in cells:
                 first = max((a.repeat for a in self.catalog.attempts(cell_id=cell.cell_id)), default=-1) + 1
                 for r in range(first, first + reps):
                     items.append({"cell_id": cell.cell_id, "repeat": r, "name": cell.name, "force": False})
             log.info("appending %d new repeat(s) per cell to %d cell(s)", reps, len(items) // max(reps, 1))
             return items
-        for cell in self.lc.select(pattern):
+        results = {} if force else self.catalog.results_of([c.cell_id for c in cells])
+        for cell in cells:
             for r in range(reps):
-                done = self.catalog.valid_result(cell.cell_id, r)
-                if done is not None and not force:
+                done = results.get((cell.cell_id, r))
+                if done is not None:
                     log.info(
                         "cell %s (%s) repeat %d: done (attempt %d, %s), skipped",
                         cell.name,
@@ -159,54 +395,230 @@ class CampaignRunner:
         ident = JobIdentity(self.lc.name, cell_id, repeat, 0)
         return write_dry_run(job_spec(cell, self.lc.cluster_for(cell), ident, data_home=self.data_home), dest)
 
-    # -- submission ---------------------------------------------------------------------
-    def ensure_submitted(self, cell_id: str, repeat: int, run_id: str | None = None, new: bool = False) -> JobHandle:
-        """Re-attach to the cell's live job, or submit a new attempt. Never two jobs at once.
+    def render_all(self, items: list[dict[str, Any]], dest: Path) -> list[Path]:
+        """Dry run of planned items: one folder per cell repeat under ``dest``."""
+        return [self.render(i["cell_id"], i["repeat"], dest / f"{i['name']}-r{i['repeat']}") for i in items]
 
-        A crash between reserving an attempt and recording its job id is covered by the
-        backend's own ``find`` (job name/identity on the cluster).
-        """
-        cell = self.cell(cell_id)
-        if not new:
-            live = self.catalog.live_attempt(cell_id, repeat)
-            if live is not None and live.job_id:
-                ident = JobIdentity(self.lc.name, cell_id, repeat, live.attempt)
-                handle = self.backend.find(ident)
-                if handle is not None:
-                    log.info("re-attached to job %s (attempt %d)", handle.job_id, live.attempt)
-                    return handle
-        reserved = self.catalog.reserved_attempt(cell_id, repeat)
-        if reserved is not None:
-            attempt = reserved.attempt
-        else:
-            attempt = self.catalog.new_attempt(cell_id, repeat, self.lc.name, self.backend.name, run_id)
-        ident = JobIdentity(self.lc.name, cell_id, repeat, attempt)
-        handle = self.backend.submit(job_spec(cell, self.lc.cluster_for(cell), ident, data_home=self.data_home))
-        self.catalog.update_attempt(cell_id, repeat, attempt, state="submitted", job_id=handle.job_id, run_id=run_id)
-        log.info(
-            "cell %s repeat %d attempt %d: job %s in %s", cell.name, repeat, attempt, handle.job_id, handle.workdir
-        )
-        return handle
-
-    def mark_running(self, handle: JobHandle) -> None:
-        i = handle.identity
-        self.catalog.update_attempt(i.cell_id, i.repeat, i.attempt, state="running")
-
-    # -- environment and data ----------------------------------------------------------
+    # -- environment and data (see charllm.envsetup) ------------------------------------
     def install(self) -> dict[str, Any]:
-        """Check (local) or build (cluster) the training environment; see charllm.envsetup."""
+        """Check (local) or find/submit (cluster) the environment job; returns a handle to wait for, or skipped."""
         from charllm.envsetup import ensure_environment
 
         return ensure_environment(self)
 
+    def after_setup_job(self, kind: str, handle: JobHandle, status: JobStatus) -> dict[str, Any]:
+        """Judge an ended environment or dataset job: finished, or the next attempt's handle; raises if failed."""
+        from charllm.envsetup import setup_after_end
+
+        return setup_after_end(self, kind, handle, status)
+
     def prepare_dataset(self) -> dict[str, Any]:
+        """Prepare the campaign's dataset (a job for ``indexed``) and wait for it."""
         from charllm.envsetup import ensure_dataset
 
         return ensure_dataset(self)
 
+    def setup(self) -> dict[str, Any]:
+        """The environment (its job, and the wait for it) and the dataset: what the DAG does before ``plan``."""
+        from charllm.envsetup import wait_setup_job
+
+        env = self.install()
+        if env.get("handle"):
+            env = wait_setup_job(self, "environment", JobHandle.from_dict(env["handle"]))
+        return {"environment": env, "dataset": self.prepare_dataset()}
+
+    def wait_for(self, handle: JobHandle, what: str, timeout_s: float | None = None) -> JobStatus:
+        """Poll one job until it ends (synchronously), waiting out transport outages."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        last: JobState | None = None
+        patience = self.patience()
+        while True:
+            st = patience.call(lambda: self.backend.statuses([handle.job_id])[handle.job_id], f"polling {what}")
+            if st.state is not last:
+                log.info("%s job %s: %s%s", what, handle.job_id, st.state.value, f" on {st.nodes}" if st.nodes else "")
+                last = st.state
+            if st.state.is_terminal:
+                return st
+            if deadline is not None and time.monotonic() > deadline:
+                raise JobFailedError(
+                    f"{what} job {handle.job_id} did not end within {timeout_s:.0f} s (still {st.state.value}); "
+                    f"see {handle.workdir}"
+                )
+            self.sleep(self.poll_interval_s)
+
+    # -- submission ---------------------------------------------------------------------
+    def identity(self, row: AttemptRow) -> JobIdentity:
+        return JobIdentity(self.lc.name, row.cell_id, row.repeat, row.attempt, row.nonce or "")
+
+    def submit_or_reattach(self, cell_id: str, repeat: int, run_id: str | None, force: bool = False) -> Submission:
+        """Re-attach to the cell repeat's job in flight, or reserve a new attempt and submit it.
+
+        Never two jobs at once for a cell repeat, whoever asks (this DAG run, a retried task,
+        another DAG run, ``charllm run``): the catalog's :meth:`~charllm.catalog.Catalog.reserve`
+        decides atomically. An attempt reserved by an orchestrator that died before recording
+        its job id is taken over (the backend's ``find`` sees the job if sbatch had run); one
+        reserved by a live orchestrator is waited for. Returns WAIT (never raises) when the
+        cluster is at its limit of jobs in flight, sbatch refused the job for a submit limit, or
+        the cluster is unreachable; a job the scheduler refuses outright ends the attempt as
+        ``failed`` and raises :class:`JobFailedError`.
+        """
+        cell = self.cell(cell_id)
+        res = self.catalog.reserve(
+            cell_id,
+            repeat,
+            campaign=self.lc.name,
+            backend=self.backend.name,
+            run_id=run_id,
+            owner=self.owner,
+            force=force,
+            cluster=self.cluster_key,
+            max_in_flight=self.max_in_flight,
+        )
+        if res.kind is Reserved.DONE:
+            row = res.row
+            assert row is not None
+            log.info("cell %s repeat %d: has a result (attempt %d, %s)", cell.name, repeat, row.attempt, row.outcome)
+            return Submission(SubmitKind.DONE, result=self._summary_of(row))
+        if res.kind is Reserved.THROTTLED:
+            return Submission(
+                SubmitKind.WAIT,
+                reason=f"cluster {self.cluster_key} has {res.in_flight} job(s) in flight (limit {self.max_in_flight})",
+                retry_in_s=self.poll_interval_s,
+            )
+        row = res.row
+        assert row is not None
+        ident = self.identity(row)
+        if res.kind is Reserved.IN_FLIGHT:
+            if row.job_id:
+                handle = self.backend.handle_for(ident, row.job_id)
+                mine = " (another orchestrator's)" if row.run_id != run_id else ""
+                log.info(
+                    "cell %s repeat %d: re-attached to job %s (attempt %d%s)",
+                    cell.name,
+                    repeat,
+                    row.job_id,
+                    row.attempt,
+                    mine,
+                )
+                return Submission(SubmitKind.ATTACHED, handle)
+            if row.owner != self.owner:
+                alive = owner_alive(row.owner)
+                fresh = row.heartbeat_at is not None and _age_s(row.heartbeat_at) < self.lease_s
+                if alive or (alive is None and fresh):
+                    return Submission(
+                        SubmitKind.WAIT,
+                        reason=f"attempt {row.attempt} is being submitted by {row.owner} (run {row.run_id})",
+                        retry_in_s=min(self.poll_interval_s, 5.0),
+                    )
+                if not self.catalog.take_over(row, self.owner):
+                    return Submission(
+                        SubmitKind.WAIT, reason="another orchestrator took the attempt over", retry_in_s=1
+                    )
+                log.info("cell %s repeat %d: taking over attempt %d from %s", cell.name, repeat, row.attempt, row.owner)
+        return self._submit(cell, ident, row.id, run_id)
+
+    def ensure_submitted(self, cell_id: str, repeat: int, run_id: str | None = None, new: bool = False) -> JobHandle:
+        """:meth:`submit_or_reattach`, waiting while it says WAIT (kept for callers that want a handle)."""
+        while True:
+            sub = self.submit_or_reattach(cell_id, repeat, run_id, force=new)
+            if sub.handle is not None:
+                return sub.handle
+            if sub.kind is SubmitKind.DONE:
+                raise JobFailedError(f"cell {cell_id} repeat {repeat} has a result already: {sub.result}")
+            self.sleep(sub.retry_in_s)
+
+    def _submit(self, cell: Cell, ident: JobIdentity, row_id: int, run_id: str | None) -> Submission:
+        self.catalog.heartbeat(row_id)
+        spec = job_spec(cell, self.lc.cluster_for(cell), ident, data_home=self.data_home)
+        try:
+            handle = self.backend.submit(spec)
+        except SubmitLimitError as err:
+            log.warning("cell %s repeat %d: %s; submitting again later", cell.name, ident.repeat, err)
+            used = getattr(self, "_limit_refusals", 0)
+            self._limit_refusals = used + 1
+            return Submission(SubmitKind.WAIT, reason=str(err), retry_in_s=self.submit_limit_delay(used))
+        except TransportError as err:
+            if not err.retryable:
+                raise
+            return Submission(
+                SubmitKind.WAIT, reason=f"the cluster is unreachable: {err}", retry_in_s=10.0, transport=True
+            )
+        except SubmissionError as err:
+            self.catalog.update_attempt(
+                ident.cell_id,
+                ident.repeat,
+                ident.attempt,
+                state=AttemptState.ENDED,
+                outcome=Outcome.FAILED,
+                message=f"the scheduler refused the job: {err}",
+            )
+            raise JobFailedError(f"cell {cell.name} repeat {ident.repeat}: {err}") from err
+        self._limit_refusals = 0
+        self.catalog.update_attempt(
+            ident.cell_id, ident.repeat, ident.attempt, state=AttemptState.SUBMITTED, job_id=handle.job_id
+        )
+        log.info(
+            "cell %s repeat %d attempt %d: job %s in %s",
+            cell.name,
+            ident.repeat,
+            ident.attempt,
+            handle.job_id,
+            handle.workdir,
+        )
+        return Submission(SubmitKind.SUBMITTED, handle)
+
+    def _summary_of(self, row: AttemptRow) -> dict[str, Any]:
+        return {
+            "cell_id": row.cell_id,
+            "repeat": row.repeat,
+            "attempt": row.attempt,
+            "outcome": row.outcome,
+            "result_dir": row.result_dir,
+            "job_id": row.job_id,
+        }
+
+    def mark_running(self, handle: JobHandle) -> None:
+        i = handle.identity
+        self.catalog.update_attempt(i.cell_id, i.repeat, i.attempt, state=AttemptState.RUNNING)
+
+    # -- judging ------------------------------------------------------------------------
+    def attempts_used(self, cell_id: str, repeat: int, run_id: str | None) -> int:
+        """Attempts of a cell repeat made by run ``run_id`` (at least 1: the one that just ended)."""
+        rows = [a for a in self.catalog.attempts(cell_id=cell_id) if a.repeat == repeat and a.run_id == run_id]
+        return max(1, len(rows))
+
+    def on_end(self, handle: JobHandle, status: JobStatus, run_id: str | None) -> Verdict:
+        """Judge a job that reached a terminal state, with this run's attempt budget.
+
+        RESUBMIT: the lost attempt is collected now (its logs are kept, its outcome is ``lost``)
+        and the caller submits the next one with :meth:`submit_or_reattach`. FINISHED and
+        FAILED: the caller collects with :meth:`finish`.
+        """
+        i = handle.identity
+        verdict = judge(status, self.attempts_used(i.cell_id, i.repeat, run_id), self.max_attempts)
+        log.info(
+            "job %s (cell %s r%d attempt %d) ended %s (exit code %s) on %s: %s -> %s%s",
+            handle.job_id,
+            i.cell_id,
+            i.repeat,
+            i.attempt,
+            status.state.value,
+            status.exit_code,
+            status.nodes or "?",
+            verdict.outcome,
+            verdict.action,
+            f" ({verdict.reason})" if verdict.reason else "",
+        )
+        if verdict.action is Action.RESUBMIT:
+            self.collect(handle, status)
+        return verdict
+
     # -- collection ---------------------------------------------------------------------
     def collect(self, handle: JobHandle, status: JobStatus) -> tuple[str, Path, dict[str, Any]]:
-        """Copy the job's files into the results store, classify, record in the catalog."""
+        """Copy the job's files into the results store, classify, record in the catalog.
+
+        The copy waits out transport outages (``transport_patience_s``).
+        """
         verdict = judge(status)
         ident = handle.identity
         cell = self.cell(ident.cell_id)
@@ -215,11 +627,11 @@ class CampaignRunner:
             try:
                 result = read_result(tmp)
             except ResultError as err:
-                if verdict.outcome == "ok":
-                    return "failed", None, f"job completed but its result is invalid: {err}"
+                if verdict.outcome is Outcome.OK:
+                    return Outcome.FAILED, None, f"job completed but its result is invalid: {err}"
                 return verdict.outcome, None, f"job ended {status.state.value} (exit {status.exit_code}): {err}"
-            outcome = result["outcome"]
-            if outcome == "ok" and verdict.outcome != "ok":
+            outcome = Outcome(result["outcome"])
+            if outcome is Outcome.OK and verdict.outcome is not Outcome.OK:
                 outcome = verdict.outcome  # a result file does not overrule e.g. a time limit
             return outcome, result, str(result.get("error") or "")
 
@@ -235,13 +647,16 @@ class CampaignRunner:
             "nodes": status.nodes,
             "elapsed_s": status.elapsed_s,
         }
-        final, manifest = commit_attempt(self.home, ident, lambda d: self.backend.fetch(handle, d), fields, classify)
-        outcome = manifest["outcome"]
+        final, manifest = self.patience().call(
+            lambda: commit_attempt(self.home, ident, lambda d: self.backend.fetch(handle, d), fields, classify),
+            f"collecting job {handle.job_id}",
+        )
+        outcome = Outcome(manifest["outcome"])
         self.catalog.update_attempt(
             ident.cell_id,
             ident.repeat,
             ident.attempt,
-            state="ended",
+            state=AttemptState.ENDED,
             outcome=outcome,
             message=manifest.get("message") or None,
             result_dir=str(final),
@@ -249,7 +664,11 @@ class CampaignRunner:
         return outcome, final, manifest
 
     def job_tail(self, handle: JobHandle, n_bytes: int = 3000) -> str:
-        out, err = self.backend.tail(handle, n_bytes)
+        """The job's stdout and stderr tails for the log; best effort (one try: a log line is not worth a wait)."""
+        try:
+            out, err = self.backend.tail(handle, n_bytes)
+        except TransportError as exc:
+            return f"--- job {handle.job_id}: log tail not available ({exc}) ---"
         return f"--- job {handle.job_id} stdout (tail) ---\n{out}\n--- job {handle.job_id} stderr (tail) ---\n{err}"
 
     def finish(self, handle: JobHandle, status: JobStatus) -> dict[str, Any]:
@@ -259,17 +678,118 @@ class CampaignRunner:
             "cell_id": handle.identity.cell_id,
             "repeat": handle.identity.repeat,
             "attempt": handle.identity.attempt,
-            "outcome": outcome,
+            "outcome": str(outcome),
             "result_dir": str(final),
             "job_id": handle.job_id,
             "state": status.state.value,
         }
-        if outcome in ("ok", "oom"):
+        if Outcome(outcome).is_result:
             return summary
-        raise JobFailedError(
+        err = JobFailedError(
             f"cell {manifest.get('cell_name')} attempt {handle.identity.attempt}: job {handle.job_id} ended "
             f"{status.state.value} (exit code {status.exit_code}); outcome {outcome}. {manifest.get('message') or ''}"
         )
+        err.retryable = judge(status).retryable  # type: ignore[attr-defined]
+        raise err
+
+    # -- the whole campaign without Airflow ---------------------------------------------
+    def run(
+        self,
+        pattern: str | None = None,
+        repeats: int | None = None,
+        force: bool = False,
+        append: bool = False,
+        run_id: str | None = None,
+        progress: Callable[[str], None] | None = None,
+        figures: bool = True,
+    ) -> RunReport:
+        """``charllm run``: the DAG's lifecycle in one process, with the same steps and decisions.
+
+        Setup (environment job and its wait, dataset job), plan, then every planned cell
+        repeat through submit-or-reattach, a batched wait (one status query per interval for
+        all of this run's jobs), the judgement (resubmit a lost job within the budget), and
+        collection; then aggregation and figures. A cell repeat another orchestrator has in
+        flight is waited for, never submitted again.
+        """
+        say = progress or (lambda s: log.info("%s", s))
+        run_id = run_id or f"cli__{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}_{uuid.uuid4().hex[:6]}"
+        self.select(pattern)
+        report = RunReport(run_id)
+        self.setup()
+        items = self.plan(pattern, repeats, force, append=append)
+        report.planned = len(items)
+        say(f"run {run_id}: {len(items)} cell repeat(s) to run")
+        todo: deque[tuple[dict[str, Any], float, float | None]] = deque((i, 0.0, None) for i in items)
+        active: dict[str, tuple[dict[str, Any], JobHandle]] = {}
+        done_n = 0
+        patience = self.patience()
+
+        def settle(item: dict[str, Any], outcome: str, line: str) -> None:
+            nonlocal done_n
+            done_n += 1
+            report.outcomes[outcome] = report.outcomes.get(outcome, 0) + 1
+            if not Outcome(outcome).is_result:
+                report.failed.append(f"{item['name']} r{item['repeat']}")
+            say(f"[{done_n}/{len(items)}] {item['name']} r{item['repeat']}: {line}")
+
+        while todo or active:
+            now = time.monotonic()
+            for _ in range(len(todo)):
+                item, not_before, outage = todo.popleft()
+                if not_before > now:
+                    todo.append((item, not_before, outage))
+                    continue
+                try:
+                    sub = self.submit_or_reattach(item["cell_id"], item["repeat"], run_id, bool(item.get("force")))
+                except JobFailedError as err:
+                    settle(item, Outcome.FAILED, f"FAILED: {err}")
+                    continue
+                if sub.kind is SubmitKind.DONE:
+                    res = sub.result or {}
+                    settle(item, str(res.get("outcome")), f"{res.get('outcome')}: {res.get('result_dir')}")
+                elif sub.kind is SubmitKind.WAIT:
+                    if sub.transport:
+                        outage = outage if outage is not None else now
+                        if now - outage > self.patience_s:
+                            raise TransportError(
+                                f"submitting {item['name']} r{item['repeat']}: the cluster was unreachable for "
+                                f"{now - outage:.0f} s (patience {self.patience_s:.0f} s): {sub.reason}",
+                                retryable=False,
+                            )
+                    log.info(
+                        "%s r%d: %s; trying again in %.0f s", item["name"], item["repeat"], sub.reason, sub.retry_in_s
+                    )
+                    todo.append((item, now + sub.retry_in_s, outage))
+                else:
+                    assert sub.handle is not None
+                    active[sub.handle.job_id] = (item, sub.handle)
+                    say(f"        {item['name']} r{item['repeat']}: job {sub.handle.job_id} ({sub.kind})")
+            if active:
+                ids = sorted(active)
+                statuses = patience.call(functools.partial(self.backend.statuses, ids), f"polling {len(ids)} job(s)")
+                for job_id in ids:
+                    st = statuses.get(job_id)
+                    if st is None or not st.state.is_terminal:
+                        continue
+                    item, handle = active.pop(job_id)
+                    verdict = self.on_end(handle, st, run_id)
+                    if verdict.action is Action.RESUBMIT:
+                        say(f"        {item['name']} r{item['repeat']}: job {job_id} {st.state.value}, resubmitting")
+                        todo.appendleft((item, 0.0, None))
+                        continue
+                    try:
+                        s = self.finish(handle, st)
+                        settle(item, s["outcome"], f"{s['outcome']}: {s['result_dir']}")
+                    except JobFailedError as err:
+                        settle(item, str(verdict.outcome), f"FAILED: {err}\n{self.job_tail(handle)}")
+            if active:
+                self.sleep(self.poll_interval_s)
+            elif todo:
+                self.sleep(max(0.0, min(nb for _, nb, _ in todo) - time.monotonic()))
+        self.aggregate()
+        if figures:
+            report.figures = self.visualize(run_id)
+        return report
 
     # -- after the sweep ---------------------------------------------------------------------
     def tables_dir(self) -> Path:
@@ -278,7 +798,12 @@ class CampaignRunner:
     def aggregate(self) -> dict[str, Any]:
         from charllm.analysis.aggregate import aggregate
 
-        info = aggregate(self.catalog, self.lc.name, self.tables_dir(), [c.cell_id for c in self.lc.cells])
+        try:
+            info = aggregate(self.catalog, self.lc.name, self.tables_dir(), [c.cell_id for c in self.lc.cells])
+        except OSError as err:
+            from charllm.store import storage_error
+
+            raise storage_error(err, self.tables_dir(), f"writing the tables of campaign {self.lc.name}") from err
         log.info(
             "tables: %s (%d rows, %s), %s", info["cells_table"], info["rows"], info["outcomes"], info["steps_table"]
         )
@@ -323,20 +848,38 @@ class CampaignRunner:
     def outcomes_of(self, planned: list[dict[str, Any]]) -> dict[str, int]:
         """Outcome counts of planned cell repeats ('missing' where no attempt ended)."""
         counts: dict[str, int] = {}
+        by_cell: dict[str, list[AttemptRow]] = {}
         for item in planned:
-            rows = [a for a in self.catalog.attempts(cell_id=item["cell_id"]) if a.repeat == item["repeat"]]
-            ended = [a for a in rows if a.outcome]
-            best = "missing"
-            if any(a.outcome in ("ok", "oom") for a in ended):
-                best = "ok" if any(a.outcome == "ok" for a in ended) else "oom"
+            if item["cell_id"] not in by_cell:
+                by_cell[item["cell_id"]] = self.catalog.attempts(cell_id=item["cell_id"])
+            rows = [a for a in by_cell[item["cell_id"]] if a.repeat == item["repeat"]]
+            ended = [o for o in (Outcome.parse(a.outcome) for a in rows) if o is not None]
+            best: Outcome = Outcome.MISSING
+            if any(o.is_result for o in ended):
+                best = Outcome.OK if Outcome.OK in ended else Outcome.OOM
             elif ended:
-                best = ended[-1].outcome or "missing"
-            counts[best] = counts.get(best, 0) + 1
+                best = ended[-1]
+            counts[str(best)] = counts.get(str(best), 0) + 1
         return counts
+
+
+def _age_s(ts: datetime) -> float:
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    return (datetime.now(UTC) - ts).total_seconds()
 
 
 def _safe_run(run_id: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run_id)
 
 
-__all__ = ["OOM_EXIT_CODE", "CampaignRunner", "Verdict", "judge", "now_iso"]
+__all__ = [
+    "OOM_EXIT_CODE",
+    "CampaignRunner",
+    "Patience",
+    "RunReport",
+    "Submission",
+    "Verdict",
+    "judge",
+    "now_iso",
+]

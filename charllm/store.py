@@ -27,9 +27,10 @@ from typing import Any
 
 from charllm import __version__
 from charllm.backends.base import OUTPUT_DIR, JobIdentity
-from charllm.errors import ResultError
+from charllm.errors import ResultError, StorageError
+from charllm.outcomes import ENDED_OUTCOMES, Outcome
 
-OUTCOMES = ("ok", "oom", "failed", "timeout", "cancelled", "lost")
+OUTCOMES = tuple(str(o) for o in ENDED_OUTCOMES)  # what a result.json may say
 RESULT_FILE = "result.json"
 MANIFEST = "manifest.json"
 
@@ -39,7 +40,25 @@ def now_iso() -> str:
 
 
 def attempt_dir(home: Path, ident: JobIdentity) -> Path:
-    return home / "results" / "cells" / ident.cell_id / f"r{ident.repeat}" / f"a{ident.attempt}"
+    """``results/cells/<cell>/r<repeat>/a<attempt>[-<nonce>]``: a new catalog never meets an old attempt's folder."""
+    return home / "results" / "cells" / ident.cell_id / f"r{ident.repeat}" / ident.tag
+
+
+def storage_error(err: OSError, path: Path | str, what: str) -> StorageError:
+    """A :class:`StorageError` that names the path that could not be written, and why.
+
+    ``err.filename`` (the file the system call failed on) is named when the error has one,
+    else ``path`` (the folder being written); disk full and permission errors say so plainly.
+    """
+    import errno
+
+    where = err.filename or path
+    why = err.strerror or str(err)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = f"no space left (disk full or quota): {why}"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = f"permission denied: {why}"
+    return StorageError(f"{what}: cannot write {where}: {why}")
 
 
 def _sha256(path: Path) -> str:
@@ -61,7 +80,7 @@ def read_result(job_dir: Path) -> dict[str, Any]:
         raise ResultError(f"{OUTPUT_DIR}/{RESULT_FILE} is unreadable: {err}") from err
     if not isinstance(data, dict) or data.get("outcome") not in OUTCOMES:
         raise ResultError(f"{OUTPUT_DIR}/{RESULT_FILE} has no valid 'outcome' (got {str(data)[:200]!r})")
-    if data["outcome"] == "ok":
+    if data["outcome"] == Outcome.OK:
         metrics = data.get("metrics")
         if not isinstance(metrics, dict) or not metrics:
             raise ResultError(f"{OUTPUT_DIR}/{RESULT_FILE} says ok but carries no metrics")
@@ -124,6 +143,18 @@ def check_outputs(out: Path, result: dict[str, Any]) -> None:
             raise ResultError(f"{OUTPUT_DIR}/{path.relative_to(out)} is unreadable: {err}") from err
 
 
+def _is_local_write_error(err: OSError, under: Path) -> bool:
+    """Disk full, quota or read-only file system, or permission denied on a path under ``under``.
+
+    A permission error on the cluster's side (reading a job's file over SFTP) is not ours.
+    """
+    import errno
+
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return True
+    return err.errno in (errno.EACCES, errno.EPERM) and str(err.filename or "").startswith(str(under))
+
+
 def file_index(root: Path) -> dict[str, dict[str, Any]]:
     """Relative path -> size and sha256 of every file below ``root``."""
     index: dict[str, dict[str, Any]] = {}
@@ -163,11 +194,26 @@ def commit_attempt(
     if (final / MANIFEST).is_file():
         return final, verify(final)
     staging = home / "results" / ".staging"
-    staging.mkdir(parents=True, exist_ok=True)
-    tmp = staging / f"{ident.cell_id}.r{ident.repeat}.a{ident.attempt}.{uuid.uuid4().hex[:8]}"
+    what = f"collecting {ident.relpath}"
     try:
-        tmp.mkdir()
-        fetch(tmp)
+        staging.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise storage_error(err, staging, what) from err
+    tmp = staging / f"{ident.cell_id}.r{ident.repeat}.{ident.tag}.{uuid.uuid4().hex[:8]}"
+    try:
+        try:
+            tmp.mkdir()
+        except OSError as err:
+            raise storage_error(err, tmp, what) from err
+        try:
+            fetch(tmp)
+        except shutil.Error as err:  # copytree: a list of (src, dst, why), one per file
+            first = err.args[0][0] if err.args and err.args[0] else ("?", tmp, str(err))
+            raise StorageError(f"{what}: cannot write {first[1]}: {first[2]}") from err
+        except OSError as err:
+            if not _is_local_write_error(err, tmp):
+                raise
+            raise storage_error(err, tmp, what) from err
         outcome, result, message = classify(tmp)
         manifest = {
             "schema": 1,
@@ -186,15 +232,18 @@ def commit_attempt(
             "files": file_index(tmp),
         }
         tmp_manifest = tmp / (MANIFEST + ".tmp")
-        tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-        os.replace(tmp_manifest, tmp / MANIFEST)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+            os.replace(tmp_manifest, tmp / MANIFEST)
+            final.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise storage_error(err, tmp, what) from err
         try:
             os.rename(tmp, final)
-        except OSError:
+        except OSError as err:
             if (final / MANIFEST).is_file():  # a concurrent collect won the race
                 return final, verify(final)
-            raise
+            raise storage_error(err, final, what) from err
         return final, manifest
     finally:
         if tmp.exists():

@@ -92,20 +92,32 @@ _RETRYABLE = frozenset({JobState.NODE_FAIL, JobState.PREEMPTED, JobState.BOOT_FA
 
 @dataclass(frozen=True)
 class JobIdentity:
-    """Who a job is for. Written into the job's name and comment to re-attach after restarts."""
+    """Who a job is for. Written into the job's name, comment and directory to re-attach after restarts.
+
+    ``nonce`` is the token the results catalog drew when it reserved the attempt: a job's
+    identity then holds something a new (or lost) catalog cannot draw again, so a fresh
+    catalog never adopts the old jobs of a cell whose attempt numbers restart at 1. Jobs
+    keyed by their content (the environment and dataset jobs) have none and are shared.
+    """
 
     campaign: str
     cell_id: str
     repeat: int
     attempt: int
+    nonce: str = ""
+
+    @property
+    def tag(self) -> str:
+        """``a<attempt>``, or ``a<attempt>-<nonce>``."""
+        return f"a{self.attempt}-{self.nonce}" if self.nonce else f"a{self.attempt}"
 
     @property
     def job_name(self) -> str:
-        return f"charllm.{self.campaign}.{self.cell_id}.r{self.repeat}.a{self.attempt}"
+        return f"charllm.{self.campaign}.{self.cell_id}.r{self.repeat}.{self.tag}"
 
     @property
     def relpath(self) -> str:
-        return f"{self.campaign}/{self.cell_id}/r{self.repeat}/a{self.attempt}"
+        return f"{self.campaign}/{self.cell_id}/r{self.repeat}/{self.tag}"
 
     @classmethod
     def from_job_name(cls, name: str) -> JobIdentity | None:
@@ -114,12 +126,18 @@ class JobIdentity:
             return None
         campaign = ".".join(parts[1:-3])
         cell, rep, att = parts[-3:]
+        att, _, nonce = att.partition("-")
         if not (rep.startswith("r") and att.startswith("a") and rep[1:].isdigit() and att[1:].isdigit()):
             return None
-        return cls(campaign, cell, int(rep[1:]), int(att[1:]))
+        if nonce and not nonce.isalnum():
+            return None
+        return cls(campaign, cell, int(rep[1:]), int(att[1:]), nonce)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not self.nonce:
+            del d["nonce"]  # the form stored before nonces existed
+        return d
 
 
 @dataclass(frozen=True)
@@ -197,6 +215,14 @@ class Backend(ABC):
     @abstractmethod
     def find(self, identity: JobIdentity) -> JobHandle | None:
         """A live or finished job for this identity, if any (for idempotent submission)."""
+
+    def handle_for(self, identity: JobIdentity, job_id: str) -> JobHandle:
+        """The handle of a job whose id is known (recorded in the catalog): no remote call."""
+        return JobHandle(self.name, job_id, self.job_dir(identity), identity)
+
+    @abstractmethod
+    def job_dir(self, identity: JobIdentity) -> str:
+        """The job's working directory on the cluster (or here)."""
 
     @abstractmethod
     def submit(self, spec: JobSpec) -> JobHandle:

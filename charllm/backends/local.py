@@ -90,6 +90,9 @@ class LocalBackend(Backend):
         except OSError:
             return None
 
+    def job_dir(self, identity: JobIdentity) -> str:
+        return str(self.root / identity.relpath)
+
     def find(self, identity: JobIdentity) -> JobHandle | None:
         wd = self.root / identity.relpath
         try:

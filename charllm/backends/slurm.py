@@ -44,7 +44,7 @@ from charllm.backends.base import (
     JobSpec,
     JobStatus,
 )
-from charllm.errors import ConfigError, ResultError, SubmissionError, TransportError
+from charllm.errors import ConfigError, ResultError, SubmissionError, SubmitLimitError, TransportError
 from charllm.shell import is_safe_name
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,28 @@ _CONTROLLER_DOWN = (
     "Slurm backup controller in standby mode",
     "Zero Bytes were transmitted or received",
 )
+# sbatch refusals for a per-user, account or QOS limit on jobs submitted (or in the queue):
+# the job is fine, the queue is full for us. Waited out and submitted again, never a failed cell.
+SUBMIT_LIMITS = (
+    "QOSMaxSubmitJobPerUserLimit",
+    "QOSMaxSubmitJobPerAccountLimit",
+    "QOSGrpSubmitJobsLimit",
+    "AssocMaxSubmitJobLimit",
+    "AssocGrpSubmitJobsLimit",
+    "MaxSubmitJobsPerUser",
+    "MaxSubmitJobsPerAccount",
+    "Job violates accounting/QOS policy",
+    "job submit limit",
+    "Slurm temporarily unable to accept job",
+)
 # scancel on a job that has ended: nothing to do.
 _CANCEL_ALREADY_DONE = ("already completing or completed", "Invalid job id specified")
+
+
+def is_submit_limit(stderr: str) -> bool:
+    """sbatch's stderr says a submit limit (per user, account, QOS) refused the job."""
+    low = stderr.lower()
+    return any(s.lower() in low for s in SUBMIT_LIMITS)
 
 
 @dataclass(frozen=True)
@@ -78,6 +98,9 @@ class SlurmConfig:
     connect_timeout_s: float = 15.0
     command_timeout_s: float = 120.0
     max_ids_per_query: int = 500  # keeps one sacct command line well under ARG_MAX
+    # "ssh": through the Airflow connection; "local": the Slurm commands of this machine (Airflow
+    # on a login node; the tests' fake scheduler on PATH), files read and written in place
+    transport: str = "ssh"
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> SlurmConfig:
@@ -106,6 +129,8 @@ class SlurmConfig:
                 raise ConfigError("<backend spec>", name, "must be > 0")
         if self.connect_tries < 1 or self.max_ids_per_query < 1 or self.find_lookback_days < 1:
             raise ConfigError("<backend spec>", "connect_tries", "counts must be >= 1")
+        if self.transport not in ("ssh", "local"):
+            raise ConfigError("<backend spec>", "transport", f"{self.transport!r} is not 'ssh' or 'local'")
 
     def as_spec(self) -> dict[str, Any]:
         d = asdict(self)
@@ -164,6 +189,43 @@ class _ChannelDied(EOFError):
 def _is_retryable_oserror(err: OSError) -> bool:
     """Socket trouble, not a file problem reported through SFTP."""
     return err.errno is None or isinstance(err, (ConnectionError, TimeoutError, socket.gaierror))
+
+
+class _LocalFiles:
+    """The few SFTP calls the backend makes, on this machine's file system (transport ``local``)."""
+
+    def __init__(self, home: str) -> None:
+        self.home = home
+
+    def _p(self, path: str) -> str:
+        return os.path.join(self.home, path)
+
+    def open(self, path: str, mode: str = "rb") -> Any:
+        return _LocalFile(open(self._p(path), mode))
+
+    def listdir_attr(self, path: str) -> list[paramiko.SFTPAttributes]:
+        root = self._p(path)
+        return [paramiko.SFTPAttributes.from_stat(os.lstat(os.path.join(root, n)), n) for n in os.listdir(root)]
+
+    def get_channel(self) -> None:
+        return None
+
+
+class _LocalFile:
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+
+    def __enter__(self) -> _LocalFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.fh.close()
+
+    def stat(self) -> os.stat_result:
+        return os.fstat(self.fh.fileno())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.fh, name)
 
 
 @dataclass
@@ -271,6 +333,8 @@ class SlurmBackend(Backend):
             if rc != 0:
                 if any(s in err for s in _CONTROLLER_DOWN):
                     raise TransportError(f"sbatch could not reach slurmctld: {err.strip()}")
+                if is_submit_limit(err):
+                    raise SubmitLimitError(f"sbatch refused {identity.job_name} for a submit limit: {err.strip()}")
                 raise SubmissionError(f"sbatch refused {identity.job_name}: {err.strip() or out.strip()}")
             job_id = cmd.parse_sbatch(out)
             log.info("submitted %s as Slurm job %s", identity.job_name, job_id)
@@ -426,7 +490,9 @@ class SlurmBackend(Backend):
             except TransportError as err:
                 last = err
             except _FATAL_SSH as err:
-                raise TransportError(f"SSH to {self.config.conn_id} refused, not retried: {err}") from err
+                raise TransportError(
+                    f"SSH to {self.config.conn_id} refused, not retried: {err}", retryable=False
+                ) from err
             except _RETRY_SSH as err:
                 if isinstance(err, OSError) and not _is_retryable_oserror(err):
                     raise
@@ -441,7 +507,7 @@ class SlurmBackend(Backend):
         """Run an idempotent command line, with reconnects."""
         rc, out, err = self._retry(lambda: self._exec_raw(line), "remote command")
         if check and rc != 0:
-            raise TransportError(f"remote command failed (exit {rc}): {err.strip()[:2000]}")
+            raise TransportError(f"remote command failed (exit {rc}): {err.strip()[:2000]}", retryable=False)
         return rc, out, err
 
     def _exec_once(self, line: str) -> tuple[int, str, str]:
@@ -450,7 +516,7 @@ class SlurmBackend(Backend):
             with self._lock:
                 return self._exec_raw(line)
         except _FATAL_SSH as err:
-            raise TransportError(f"SSH to {self.config.conn_id} refused, not retried: {err}") from err
+            raise TransportError(f"SSH to {self.config.conn_id} refused, not retried: {err}", retryable=False) from err
         except _RETRY_SSH as err:
             if isinstance(err, OSError) and not _is_retryable_oserror(err):
                 raise
@@ -459,6 +525,8 @@ class SlurmBackend(Backend):
 
     def _exec_raw(self, line: str) -> tuple[int, str, str]:
         """Run one command line on the cached client; read stdout and stderr until exit."""
+        if self.config.transport == "local":
+            return self._exec_local(line)
         client = self._get_client()
         transport = client.get_transport()
         if transport is None or not transport.is_active():
@@ -501,7 +569,26 @@ class SlurmBackend(Backend):
         self._client = self._connect()
         return self._client
 
+    def _exec_local(self, line: str) -> tuple[int, str, str]:
+        """Transport ``local``: the command line in bash here, from the login home (``$HOME``)."""
+        import subprocess
+
+        self.counters.round_trips += 1
+        try:
+            res = subprocess.run(
+                ["bash", "-c", line],
+                cwd=os.path.expanduser("~"),
+                capture_output=True,
+                text=True,
+                timeout=self.config.command_timeout_s,
+            )
+        except subprocess.TimeoutExpired as err:
+            raise TimeoutError(f"local command ran over {self.config.command_timeout_s}s") from err
+        return res.returncode, res.stdout, res.stderr
+
     def _get_sftp(self) -> paramiko.SFTPClient:
+        if self.config.transport == "local":
+            return _LocalFiles(os.path.expanduser("~"))  # type: ignore[return-value]
         client = self._get_client()
         if self._sftp is None or self._sftp.get_channel() is None or self._sftp.get_channel().closed:  # type: ignore[union-attr]
             self._sftp = client.open_sftp()
@@ -630,7 +717,9 @@ class SlurmBackend(Backend):
             try:
                 return await self._arun_once(line)
             except _FATAL_SSH as err:
-                raise TransportError(f"SSH to {self.config.conn_id} refused, not retried: {err}") from err
+                raise TransportError(
+                    f"SSH to {self.config.conn_id} refused, not retried: {err}", retryable=False
+                ) from err
             except _RETRY_SSH as err:
                 if isinstance(err, OSError) and not _is_retryable_oserror(err):
                     raise
@@ -655,6 +744,18 @@ class SlurmBackend(Backend):
         await asyncio.sleep(delay)
 
     async def _arun_once(self, line: str) -> tuple[int, str, str]:
+        if self.config.transport == "local":
+            self.counters.round_trips += 1
+            proc = await asyncio.create_subprocess_exec(
+                "bash",
+                "-c",
+                line,
+                cwd=os.path.expanduser("~"),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out_b, err_b = await asyncio.wait_for(proc.communicate(), timeout=self.config.command_timeout_s)
+            return proc.returncode or 0, out_b.decode(errors="replace"), err_b.decode(errors="replace")
         conn = await self._aget_conn()
         self.counters.round_trips += 1
         res = await conn.run(line, check=False, timeout=self.config.command_timeout_s)

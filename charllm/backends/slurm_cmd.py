@@ -84,6 +84,8 @@ def check_identity(identity: JobIdentity) -> None:
             )
     if identity.repeat < 0 or identity.attempt < 0:
         raise ConfigError("<job identity>", "repeat/attempt", "must be >= 0")
+    if identity.nonce and not (identity.nonce.isascii() and identity.nonce.isalnum()):
+        raise ConfigError("<job identity>", "nonce", f"{identity.nonce!r} must be letters and digits")
 
 
 def check_file_name(name: str) -> str:

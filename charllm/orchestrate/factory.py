@@ -1,11 +1,19 @@
 """Build one Airflow DAG from one campaign file.
 
-The DAG: ``install`` (submit -> wait) -> ``prepare_dataset`` -> ``plan`` -> one mapped task group per
+The DAG: ``check_params`` (a setup task: the trigger's parameters, before anything runs) ->
+``install`` (submit -> wait) -> ``prepare_dataset`` -> ``plan`` -> one mapped task group per
 cell repeat (``submit`` -> ``wait`` (deferrable) -> ``collect``) -> ``aggregate`` ->
 ``verdict``; ``aggregate`` updates the campaign's tables Asset, on which a second DAG,
 ``charllm_<name>_figures``, is scheduled to draw the figures and the report. Parsing it reads only the YAML file: no network, no
 catalog, no torch/pandas/matplotlib. A broken campaign file raises ConfigError here, so
 Airflow shows it as that DAG file's import error and every other campaign still loads.
+
+Every task calls a step of :class:`charllm.runner.CampaignRunner` (the lifecycle ``charllm
+run`` goes through too). A dry run renders every job script in ``plan`` and maps no cells.
+A cluster profile with ``max_jobs_in_flight`` puts each cell's ``submit`` and ``wait`` into
+the Airflow pool ``charllm_<cluster>`` (``include_deferred``; made by
+``python -m charllm.orchestrate.pools``), so a campaign does not flood a shared queue; the
+catalog enforces the same limit across DAG runs and ``charllm run``.
 """
 
 from __future__ import annotations
@@ -15,11 +23,14 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import DAG, Asset, Param, TriggerRule, get_current_context, task, task_group
+from airflow.sdk import DAG, Asset, AssetAlias, Param, TriggerRule, get_current_context, task, task_group
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from charllm.campaign import load_campaign
-from charllm.orchestrate.operators import CellJobSensor, EnvironmentJobSensor, collect_cell, runner_for
+from charllm.errors import CharllmError
+from charllm.orchestrate.operators import CellJobSensor, EnvironmentJobSensor, collect_cell, runner_for, submit_cell
+from charllm.orchestrate.pools import pool_for
+from charllm.outcomes import Outcome
 from charllm.paths import campaigns_dir
 
 log = logging.getLogger(__name__)
@@ -44,6 +55,36 @@ def dag_id_for(name: str) -> str:
     return f"charllm_{name}"
 
 
+PARAM_NAMES = ("cells", "repeats", "dry_run", "force", "append")
+DEFAULT_MAX_MAP_LENGTH = 1024  # Airflow's [core] max_map_length when nothing sets it
+
+
+def check_params(conf: dict[str, Any], known: tuple[str, ...] = PARAM_NAMES) -> None:
+    """Refuse trigger parameters the form does not have (a typo would otherwise run the whole campaign)."""
+    import difflib
+
+    unknown = sorted(set(conf) - set(known))
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise AirflowFailException(
+        f"unknown trigger parameter(s): {', '.join(hints)}; this DAG takes {', '.join(known)}. Nothing was run."
+    )
+
+
+def max_map_length() -> int:
+    """Airflow's limit on mapped task instances (``[core] max_map_length``)."""
+    try:
+        from airflow.configuration import conf
+
+        return conf.getint("core", "max_map_length", fallback=DEFAULT_MAX_MAP_LENGTH)
+    except Exception:  # a task runtime without airflow-core's configuration: Airflow's default
+        return int(__import__("os").environ.get("AIRFLOW__CORE__MAX_MAP_LENGTH", DEFAULT_MAX_MAP_LENGTH))
+
+
 def tables_asset(name: str) -> Asset:
     """The campaign's results tables (cells, steps, per-GPU, telemetry) as an Airflow Asset.
 
@@ -65,6 +106,8 @@ def campaign_dag(campaign_file: str | Path) -> DAG:
         "Trigger with the form to choose cells (glob over names or hash prefixes), repeats, a dry run "
         "(render job scripts only) or a forced re-run of cells that already have valid results."
     )
+    pool = pool_for(lc.cluster)
+    pool_args: dict[str, Any] = {"pool": pool} if pool else {}
     with DAG(
         dag_id=dag_id_for(camp.name),
         description=(camp.description or f"charllm campaign {camp.name}")[:200],
@@ -103,9 +146,27 @@ def campaign_dag(campaign_file: str | Path) -> DAG:
         render_template_as_native_obj=True,
     ) as dag:
         tables = tables_asset(camp.name)
+        rerun_alias = AssetAlias(name=f"charllm_tables_rerun_{camp.name}", group="charllm")
+
+        @task(task_id="check_params")
+        def check_params_task() -> dict[str, Any]:
+            ctx = get_current_context()
+            dag_run = ctx.get("dag_run")
+            conf = dict(getattr(dag_run, "conf", None) or {})
+            check_params(conf)
+            p = ctx["params"]
+            try:
+                cells = runner_for(src).select(p.get("cells"))
+            except CharllmError as err:
+                raise AirflowFailException(f"{err}. Nothing was run.") from err
+            log.info("trigger parameters ok: %s; %d cell(s) selected", {k: p.get(k) for k in PARAM_NAMES}, len(cells))
+            return {k: p.get(k) for k in PARAM_NAMES}
 
         @task(task_id="submit")
         def install_submit() -> dict[str, Any]:
+            if get_current_context()["params"].get("dry_run"):
+                log.info("dry run: the environment is not built")
+                return {"skipped": True, "dry_run": True}
             return runner_for(src).install()
 
         @task_group(group_id="install")
@@ -136,42 +197,43 @@ def campaign_dag(campaign_file: str | Path) -> DAG:
                     bool(p.get("force")),
                     append=bool(p.get("append")),
                 )
-            log.info(
-                "%d cell repeat(s) to run: %s", len(items), ", ".join(f"{i['name']}#r{i['repeat']}" for i in items)
-            )
+            shown = ", ".join(f"{i['name']}#r{i['repeat']}" for i in items[:50])
+            more = f", ... ({len(items)} in all)" if len(items) > 50 else ""
+            log.info("%d cell repeat(s) to run: %s%s", len(items), shown, more)
+            if p.get("dry_run"):
+                # one task renders them all: a dry run of 10,000 cells maps no task instances
+                dest = runner.home / "dry-run" / camp.name / ctx["run_id"].replace(":", "_")
+                paths = runner.render_all(items, dest)
+                log.info("dry run: %d job script(s) written under %s; nothing submitted", len(paths), dest)
+                return []
+            limit = max_map_length()
+            if len(items) > limit:
+                raise AirflowFailException(
+                    f"{len(items)} cell repeats to run, more than Airflow maps into one DAG run (max_map_length "
+                    f"{limit}): set AIRFLOW__CORE__MAX_MAP_LENGTH (scripts/airflow-env.sh sets 100000), or run "
+                    "part of the campaign with the Cells filter"
+                )
             return items
 
-        @task(task_id="submit", map_index_template="{{ cell_label }}")
+        @task(task_id="submit", map_index_template="{{ cell_label }}", **pool_args)
         def submit(item: dict[str, Any]) -> dict[str, Any] | None:
             ctx = get_current_context()
             ctx["cell_label"] = f"{item['name']} r{item['repeat']}"  # type: ignore[typeddict-unknown-key]
-            runner = runner_for(src)
-            if ctx["params"].get("dry_run"):
-                dest = (
-                    runner.home
-                    / "dry-run"
-                    / camp.name
-                    / ctx["run_id"].replace(":", "_")
-                    / f"{item['name']}-r{item['repeat']}"
-                )
-                script = runner.render(item["cell_id"], item["repeat"], dest)
-                log.info("dry run: wrote %s", script)
-                return None
-            return runner.ensure_submitted(
-                item["cell_id"], item["repeat"], ctx["run_id"], new=bool(item.get("force"))
-            ).as_dict()
+            return submit_cell(src, item, ctx["run_id"])
 
-        @task(task_id="collect")
+        @task(task_id="collect", outlets=[rerun_alias])
         def collect(waited: dict[str, Any] | None) -> dict[str, Any]:
-            return collect_cell(src, waited)
+            summary = collect_cell(src, waited)
+            reaggregate_after_rerun(src, tables, rerun_alias)
+            return summary
 
         @task_group(group_id="cell")
         def cell(item: dict[str, Any]) -> Any:
             handle = submit(item)
-            waited = CellJobSensor(task_id="wait", campaign_file=src, item=item, handle=handle)
+            waited = CellJobSensor(task_id="wait", campaign_file=src, item=item, handle=handle, **pool_args)
             return collect(waited.output)  # type: ignore[arg-type]
 
-        @task(task_id="aggregate", trigger_rule=TriggerRule.ALL_DONE, outlets=[tables])
+        @task(task_id="aggregate", trigger_rule=TriggerRule.ALL_DONE_SETUP_SUCCESS, outlets=[tables])
         def aggregate() -> dict[str, Any]:
             ctx = get_current_context()
             if ctx["params"].get("dry_run"):
@@ -185,26 +247,53 @@ def campaign_dag(campaign_file: str | Path) -> DAG:
             }
             return info
 
-        @task(task_id="verdict", trigger_rule=TriggerRule.ALL_DONE)
+        @task(task_id="verdict", trigger_rule=TriggerRule.ALL_DONE_SETUP_SUCCESS)
         def verdict(planned: list[dict[str, Any]]) -> dict[str, int]:
             if get_current_context()["params"].get("dry_run"):
-                log.info("dry run: %d job script(s) rendered, nothing submitted", len(planned))
+                log.info("dry run: job scripts rendered by plan, nothing submitted")
                 return {"rendered": len(planned)}
             counts = runner_for(src).outcomes_of(planned)
             log.info("outcomes of the %d planned cell repeat(s): %s", len(planned), counts)
-            bad = {k: v for k, v in counts.items() if k not in ("ok", "oom")}
+            bad = {k: v for k, v in counts.items() if not Outcome(k).is_result}
             if bad:
                 raise AirflowFailException(f"some cells produced no result: {bad}; see their task groups")
             return counts
 
+        checked = check_params_task().as_setup()
         items = plan()
-        install() >> prepare_dataset() >> items
+        checked >> install() >> prepare_dataset() >> items
         cells = cell.expand(item=items)
         agg = aggregate()
         cells >> agg
         agg >> verdict(items)  # type: ignore[arg-type]
     figures_dag(lc, src, tables)
     return dag
+
+
+def reaggregate_after_rerun(src: str, tables: Asset, alias: AssetAlias) -> None:
+    """A cell collected after its run's ``aggregate`` ran (its task group was cleared): update the tables.
+
+    Clearing a task group in the UI does not clear the tasks downstream of it, so without
+    this the tables (and the figures) would miss the rerun cell until ``aggregate`` was
+    cleared on its own. The tables Asset gets an event (through ``alias``) so the figures
+    DAG redraws; nothing happens while the run's first ``aggregate`` is still to come.
+    """
+    ctx = get_current_context()
+    ti = ctx.get("ti")
+    states: dict[str, Any] = {}
+    try:
+        got = ti.get_task_states(dag_id=ti.dag_id, task_ids=["aggregate"], run_ids=[ctx["run_id"]])  # type: ignore[union-attr]
+        states = dict(got.get(ctx["run_id"], {}))
+    except Exception as err:  # an Airflow without this call: the first aggregate covers the cell
+        log.debug("cannot read the state of aggregate: %s", err)
+        return
+    if states.get("aggregate") not in ("success", "failed", "skipped", "upstream_failed"):
+        return
+    log.info("this run's aggregate already ran (%s): updating the tables with this cell", states["aggregate"])
+    info = runner_for(src).aggregate()
+    ctx["outlet_events"][alias].add(
+        tables, extra={"run_id": ctx["run_id"], "rows": info.get("rows"), "outcomes": info.get("outcomes")}
+    )
 
 
 def figures_dag(lc: Any, src: str, tables: Asset) -> DAG:

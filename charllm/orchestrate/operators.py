@@ -1,8 +1,15 @@
-"""Operators of a campaign DAG. They translate charllm's outcomes into task states."""
+"""Operators of a campaign DAG: the runner's lifecycle steps, turned into task states.
+
+Every decision (re-attach or submit, what a terminal job state means, whether to resubmit)
+is :class:`charllm.runner.CampaignRunner`'s, the same one ``charllm run`` makes; this module
+only maps its answers onto Airflow: a wait becomes a deferral (no worker slot held), a failed
+cell a failed task.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -10,8 +17,9 @@ from airflow.sdk import BaseSensorOperator, Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
 from charllm.backends.base import JobHandle, JobStatus
-from charllm.errors import CharllmError, JobFailedError
+from charllm.errors import CharllmError, JobFailedError, TransportError
 from charllm.orchestrate.triggers import JobTrigger
+from charllm.outcomes import Action, SubmitKind
 
 log = logging.getLogger(__name__)
 
@@ -22,13 +30,23 @@ def runner_for(campaign_file: str) -> Any:
     return CampaignRunner.from_file(campaign_file)
 
 
-class CellJobSensor(BaseSensorOperator):
-    """Wait for a cell's job without holding a worker slot.
+def _wait_trigger(seconds: float) -> Any:
+    from airflow.providers.standard.triggers.temporal import TimeDeltaTrigger
 
-    On start it re-attaches to the cell's live job (or submits one if the previous attempt
-    was lost and this is a retry) and defers to :class:`JobTrigger`. When the job ends, a
-    node failure, pre-emption or lost job is resubmitted (counted against this task's
-    retries); any other end goes to the collect task, which applies the state policy.
+    return TimeDeltaTrigger(timedelta(seconds=max(1.0, seconds)))
+
+
+class CellJobSensor(BaseSensorOperator):
+    """A cell repeat's job, from submission to its end, without holding a worker slot.
+
+    ``execute`` submits or re-attaches (:meth:`CampaignRunner.submit_or_reattach`: the job
+    the ``submit`` task started, another orchestrator's job for the same cell repeat, or a new
+    one) and defers to :class:`JobTrigger`. When the submission has to wait (the cluster at its
+    limit of jobs in flight, sbatch refused for a submit limit, the cluster unreachable) it
+    defers on a timer and tries again. When the job ends, :meth:`CampaignRunner.on_end` judges
+    it: a lost job is resubmitted here (within the run's attempt budget), anything else goes
+    to ``collect``. In a pool (a cluster's ``max_jobs_in_flight``), this task holds its slot
+    while it waits, so the pool bounds the jobs in flight.
     """
 
     template_fields = ("item", "handle")
@@ -47,24 +65,42 @@ class CellJobSensor(BaseSensorOperator):
     def execute(self, context: Context) -> Any:
         if not self.handle:
             raise AirflowSkipException("dry run: nothing was submitted")
+        if self.handle.get("done"):  # the submit task found a valid result
+            return self.handle
+        return self._submit(context, None)
+
+    def resume(self, context: Context, event: Any = None, outage_since: float | None = None) -> Any:
+        """After a timer: try the submission again."""
+        return self._submit(context, outage_since)
+
+    def _submit(self, context: Context, outage_since: float | None) -> Any:
         runner = runner_for(self.campaign_file)
-        handle = JobHandle.from_dict(self.handle)
-        ident = handle.identity
-        done = runner.catalog.valid_result(ident.cell_id, ident.repeat)
-        if done is not None and done.attempt >= ident.attempt:
-            log.info("cell already has a valid result (attempt %d, %s)", done.attempt, done.outcome)
-            return {
-                "cell_id": ident.cell_id,
-                "repeat": ident.repeat,
-                "attempt": done.attempt,
-                "outcome": done.outcome,
-                "result_dir": done.result_dir,
-            }
+        item = self.item
         try:
-            handle = runner.ensure_submitted(ident.cell_id, ident.repeat, context["run_id"])
+            sub = runner.submit_or_reattach(item["cell_id"], item["repeat"], context["run_id"], bool(item.get("force")))
+        except JobFailedError as err:
+            raise AirflowFailException(str(err)) from err
         except CharllmError as err:
             raise AirflowException(str(err)) from err
-        self._defer(runner, handle)
+        if sub.kind is SubmitKind.DONE:
+            return {"done": True, **(sub.result or {})}
+        if sub.kind is SubmitKind.WAIT:
+            if sub.transport:
+                now = time.time()
+                outage_since = outage_since or now
+                if now - outage_since > runner.patience_s:
+                    raise AirflowException(
+                        f"the cluster was unreachable for {now - outage_since:.0f} s, longer than the transport "
+                        f"patience ({runner.patience_s:.0f} s): {sub.reason}"
+                    )
+            log.info("not submitted yet: %s; trying again in %.0f s", sub.reason, sub.retry_in_s)
+            self.defer(
+                trigger=_wait_trigger(sub.retry_in_s),
+                method_name="resume",
+                kwargs={"outage_since": outage_since if sub.transport else None},
+            )
+        assert sub.handle is not None
+        self._defer(runner, sub.handle)
 
     def _defer(self, runner: Any, handle: JobHandle) -> None:
         log.info(
@@ -77,39 +113,45 @@ class CellJobSensor(BaseSensorOperator):
             handle.workdir,
         )
         self.defer(
-            trigger=JobTrigger(runner.backend.spec(), handle.job_id, runner.poll_interval_s, handle=handle.as_dict()),
+            trigger=JobTrigger(
+                runner.backend.spec(),
+                handle.job_id,
+                runner.poll_interval_s,
+                handle=handle.as_dict(),
+                patience_s=runner.patience_s,
+            ),
             method_name="execute_complete",
         )
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
-        from charllm.runner import judge
-
         runner = runner_for(self.campaign_file)
         h = JobHandle.from_dict(event["handle"])
         status = JobStatus.from_dict(event["status"])
-        log.info(
-            "job %s ended %s (exit code %s) on %s", h.job_id, status.state.value, status.exit_code, status.nodes or "?"
-        )
         log.info("%s", runner.job_tail(h))
-        verdict = judge(status)
-        if verdict.retry:
-            runner.collect(h, status)  # keep the lost attempt's logs
-            used = len(
-                [
-                    a
-                    for a in runner.catalog.attempts(cell_id=h.identity.cell_id)
-                    if a.repeat == h.identity.repeat and a.run_id == context["run_id"]
-                ]
-            )
-            budget = (self.retries or 0) + 1
-            if used >= budget:
-                raise AirflowException(f"job {h.job_id} ended {status.state.value}; {used} attempts used, giving up")
-            log.warning(
-                "job %s ended %s: resubmitting (attempt %d of %d)", h.job_id, status.state.value, used + 1, budget
-            )
-            new = runner.ensure_submitted(h.identity.cell_id, h.identity.repeat, context["run_id"], new=True)
-            self._defer(runner, new)
+        try:
+            verdict = runner.on_end(h, status, context["run_id"])
+        except CharllmError as err:
+            raise AirflowException(str(err)) from err
+        if verdict.action is Action.RESUBMIT:
+            log.warning("job %s ended %s: resubmitting (%s)", h.job_id, status.state.value, verdict.reason)
+            return self._submit(context, None)
         return {"handle": h.as_dict(), "status": status.as_dict()}
+
+
+def submit_cell(campaign_file: str, item: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """The quick path of a cell's submission (the ``submit`` task); anything that must wait is left to ``wait``."""
+    runner = runner_for(campaign_file)
+    try:
+        sub = runner.submit_or_reattach(item["cell_id"], item["repeat"], run_id, bool(item.get("force")))
+    except JobFailedError as err:
+        raise AirflowFailException(str(err)) from err
+    if sub.kind is SubmitKind.DONE:
+        return {"done": True, **(sub.result or {})}
+    if sub.kind is SubmitKind.WAIT:
+        log.info("not submitted yet: %s; the wait task will submit it", sub.reason)
+        return {"pending": True, "reason": sub.reason}
+    assert sub.handle is not None
+    return sub.handle.as_dict()
 
 
 def collect_cell(campaign_file: str, waited: dict[str, Any] | None) -> dict[str, Any]:
@@ -118,20 +160,19 @@ def collect_cell(campaign_file: str, waited: dict[str, Any] | None) -> dict[str,
         raise AirflowSkipException("dry run: nothing to collect")
     if "handle" not in waited:  # the cell had a valid result already
         return waited
-    from charllm.runner import judge
-
     runner = runner_for(campaign_file)
     h = JobHandle.from_dict(waited["handle"])
     status = JobStatus.from_dict(waited["status"])
     try:
         summary = runner.finish(h, status)
     except JobFailedError as err:
-        tail = runner.job_tail(h)
-        log.error("%s", tail)
+        log.error("%s", runner.job_tail(h))
         # a failed job is not resubmitted by retrying this task: clear the cell's group to rerun it
-        if judge(status).no_retry:
+        if not getattr(err, "retryable", True):
             raise AirflowFailException(f"{err} (not retried)") from err
         raise AirflowFailException(f"{err}; clear this cell's task group to resubmit it") from err
+    except TransportError as err:
+        raise AirflowException(str(err)) from err
     log.info(
         "cell %s repeat %d: %s, results in %s",
         summary["cell_id"],
@@ -143,7 +184,12 @@ def collect_cell(campaign_file: str, waited: dict[str, Any] | None) -> dict[str,
 
 
 class EnvironmentJobSensor(BaseSensorOperator):
-    """Wait (deferred) for the environment job that ``install.submit`` started, if any."""
+    """Wait (deferred) for the environment job that ``install.submit`` found or started, if any.
+
+    When it ends, :meth:`CampaignRunner.after_setup_job` judges it (the same setup-job life
+    ``charllm run`` goes through): done, a lost job's next attempt (waited for here), or a
+    failure with the job's log tail.
+    """
 
     template_fields = ("job",)
     ui_color = "#e8f0d8"
@@ -161,23 +207,30 @@ class EnvironmentJobSensor(BaseSensorOperator):
         if not self.job or self.job.get("skipped") or not self.job.get("handle"):
             log.info("nothing to wait for: %s", self.job)
             return self.job
-        runner = runner_for(self.campaign_file)
-        handle = JobHandle.from_dict(self.job["handle"])
+        self._defer(runner_for(self.campaign_file), JobHandle.from_dict(self.job["handle"]))
+
+    def _defer(self, runner: Any, handle: JobHandle) -> None:
         log.info("waiting for environment job %s in %s", handle.job_id, handle.workdir)
         self.defer(
-            trigger=JobTrigger(runner.backend.spec(), handle.job_id, runner.poll_interval_s, handle=handle.as_dict()),
+            trigger=JobTrigger(
+                runner.backend.spec(),
+                handle.job_id,
+                runner.poll_interval_s,
+                handle=handle.as_dict(),
+                patience_s=runner.patience_s,
+            ),
             method_name="execute_complete",
         )
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
-        from charllm.envsetup import check_environment_job
-
         runner = runner_for(self.campaign_file)
         handle = JobHandle.from_dict(event["handle"])
         status = JobStatus.from_dict(event["status"])
         log.info("%s", runner.job_tail(handle))
         try:
-            check_environment_job(runner, handle, status.state, status.exit_code)
+            step = runner.after_setup_job("environment", handle, status)
         except CharllmError as err:
             raise AirflowException(str(err)) from err
+        if step["action"] == Action.RESUBMIT:
+            self._defer(runner, JobHandle.from_dict(step["handle"]))
         return {"job_id": handle.job_id, "state": status.state.value}

@@ -23,6 +23,7 @@ class JobTrigger(BaseTrigger):
         poll_interval_s: float = 10.0,
         last_state: str | None = None,
         handle: dict[str, Any] | None = None,
+        patience_s: float | None = None,
     ) -> None:
         super().__init__()
         self.backend_spec = backend_spec
@@ -30,6 +31,7 @@ class JobTrigger(BaseTrigger):
         self.poll_interval_s = poll_interval_s
         self.last_state = last_state
         self.handle = handle
+        self.patience_s = patience_s
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -40,13 +42,14 @@ class JobTrigger(BaseTrigger):
                 "poll_interval_s": self.poll_interval_s,
                 "last_state": self.last_state,
                 "handle": self.handle,
+                "patience_s": self.patience_s,
             },
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         poller = BatchPoller.shared(self.backend_spec, self.poll_interval_s)
         last = self.last_state
-        async for status in poller.watch(self.job_id):
+        async for status in poller.watch(self.job_id, self.patience_s):
             state = status.state.value
             if state != last:
                 extra = f" reason={status.reason}" if status.reason else ""
