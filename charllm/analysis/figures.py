@@ -17,13 +17,23 @@ Analogues of CharLLM-PPT's figures:
 Cells that ran out of memory (or failed) are drawn as hatched bars labelled with their
 outcome, never left out. Each figure function returns the paths it wrote; every figure has
 a ``<stem>.csv`` with exactly the numbers it shows.
+
+Every cell keeps one colour in every figure of a run (:func:`cell_colors`), every axis names
+its unit, legends sit outside the plotting area or under the title (never over it), and the
+loss plot keeps every line visible: curves that coincide (e.g. a cell with and without
+activation recompute, which computes the same numbers) get distinct line styles and
+markers, and a note says which ones coincide. Cells without GPU telemetry (the CPU demo)
+get panels of what they did measure (step time, throughput) instead of empty GPU panels.
+``draw_all(note=...)`` labels every figure and the report (e.g. recorded GPU data).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +59,58 @@ PANELS: tuple[tuple[str, str], ...] = (
     ("avg_sm_clock_mhz", "avg SM clock (MHz)"),
     (EFFICIENCY, "efficiency (samples / (s·MJ))"),
 )
+# what a run without GPU telemetry measures (the CPU demo): drawn instead of empty GPU panels
+CPU_PANELS: tuple[tuple[str, str], ...] = (
+    ("step_time_median_s", "median step time (s)"),
+    ("tokens_per_s", "throughput (tokens/s)"),
+    ("tokens_per_s_per_gpu", "throughput per rank (tokens/s)"),
+    ("node_avg_cpu_util_pct", "avg CPU utilisation (%)"),
+    ("node_peak_mem_used_bytes", "peak memory used on the node (GB)"),
+    ("loss_last", "loss after the last step (nats/token)"),
+)
+# columns shown in other units than stored (the plotted data has the shown numbers)
+_SCALE = {"node_peak_mem_used_bytes": 1e-9, "max_memory_allocated_bytes": 1e-9}
+# axis labels (with units) of the metrics a drift chart may show
+METRIC_LABELS = {
+    EFFICIENCY: "efficiency (samples / (s·MJ))",
+    "tokens_per_s": "throughput (tokens/s)",
+    "step_time_median_s": "median step time (s)",
+}
+_GROUP_NAMES = {"model": "model", "layout": "layout", "micro_batch": "micro batch", "opt_code": "optimisation code"}
+
+_NOTE: contextvars.ContextVar[str | None] = contextvars.ContextVar("charllm_figure_note", default=None)
+
+
+@contextlib.contextmanager
+def figure_note(note: str | None) -> Iterator[None]:
+    """Every figure saved inside carries ``note`` under it (e.g. where the data comes from)."""
+    token = _NOTE.set(note)
+    try:
+        yield
+    finally:
+        _NOTE.reset(token)
+
+
+def cell_colors(names: Sequence[Any]) -> dict[str, Any]:
+    """One colour per cell name, the same in every figure drawn from the same set of cells."""
+    uniq = sorted({str(n) for n in names})
+    if len(uniq) <= 10:
+        cmap, n = plt.get_cmap("tab10"), 10
+    else:
+        cmap, n = plt.get_cmap("tab20"), 20
+    return {name: cmap(i % n) for i, name in enumerate(uniq)}
 
 
 def _save(fig: plt.Figure, out_dir: Path, stem: str, data: pd.DataFrame | None = None) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
+    note = _NOTE.get()
+    if note:  # under everything already drawn (axis labels, a figure's own notes)
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        renderer = FigureCanvasAgg(fig).get_renderer() if not hasattr(fig.canvas, "get_renderer") else None
+        bb = fig.get_tightbbox(renderer or fig.canvas.get_renderer())  # type: ignore[attr-defined]
+        w, h = fig.get_figwidth(), fig.get_figheight()
+        fig.text(bb.x0 / w, (bb.y0 - 0.06) / h, note, ha="left", va="top", fontsize=7, color="0.3", style="italic")
     paths = []
     for ext in ("png", "pdf"):
         p = out_dir / f"{stem}.{ext}"
@@ -157,6 +215,25 @@ def _mark_outcome(ax: plt.Axes, x: float, width: float, label: str) -> None:
     )
 
 
+def _measured(summary: pd.DataFrame, col: str) -> bool:
+    """Whether any ok cell has a finite value of ``col``."""
+    if col not in summary or summary.empty:
+        return False
+    ok = summary[summary["outcome"] == "ok"] if "outcome" in summary else summary
+    vals = pd.to_numeric(ok[col], errors="coerce").to_numpy(float)
+    return bool(np.isfinite(vals).any())
+
+
+def panels_for(summary: pd.DataFrame, panels: Sequence[tuple[str, str]] = PANELS) -> list[tuple[str, str]]:
+    """The panels the cells measured: the GPU panels they have values for; without GPU telemetry
+    (a CPU run) what a CPU run measures (step time, throughput, ...); never a panel of nothing."""
+    have = [p for p in panels if _measured(summary, p[0])]
+    if have:
+        return have
+    cpu = [p for p in CPU_PANELS if _measured(summary, p[0])]
+    return cpu or [("tokens_per_s", "throughput (tokens/s)")]
+
+
 def grouped_panels(
     summary: pd.DataFrame,
     group_cols: Sequence[str],
@@ -164,27 +241,35 @@ def grouped_panels(
     out_dir: Path,
     stem: str,
     title: str,
-    panels: Sequence[tuple[str, str]] = PANELS,
+    panels: Sequence[tuple[str, str]] | None = None,
     normalise: str | None = None,
     group_label: Callable[[dict[str, Any]], str] | None = None,
+    colors: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Bars per group (x) and series (side by side) for each panel metric; OOM cells hatched.
 
-    ``normalise``: a column divided by its value at the group's first series (e.g. efficiency
-    normalised to the smallest micro batch); the panel is labelled accordingly.
+    ``panels``: (column, axis label); by default :func:`panels_for` the cells (the GPU panels,
+    or what a CPU run measures). ``normalise``: a column divided by its value at the group's
+    first series (e.g. efficiency normalised to the smallest micro batch); the panel is labelled
+    accordingly. Without series, each bar has its cell's colour (``colors``: cell name -> colour).
     """
     s = summary.copy()
+    panels = list(panels) if panels is not None else panels_for(s)
     groups = list(dict.fromkeys(tuple(r) for r in s[list(group_cols)].itertuples(index=False)))
     series = sorted(s[series_col].dropna().unique().tolist()) if series_col else [None]
     nser = len(series)
     width = 0.8 / max(nser, 1)
-    colors = plt.get_cmap("tab10")
+    series_colors = plt.get_cmap("tab10")
+    if colors is None and "cell_name" in s:
+        colors = cell_colors(s["cell_name"].tolist())
     records: list[dict[str, Any]] = []
-    ncols = 3 if len(panels) > 4 else 2
+    ncols = 3 if len(panels) > 4 else min(2, len(panels))
     nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(
-        nrows, ncols, figsize=(max(7.0, 0.55 * len(groups) * max(nser, 1) + 3) * ncols / 2, 3.0 * nrows), squeeze=False
-    )
+    fig_w = max(7.0, 0.55 * len(groups) * max(nser, 1) + 3) * max(ncols, 2) / 2
+    legend = bool(series_col and nser > 1)
+    head_in = 0.32 + (0.26 if legend else 0.0)  # room for the title (and the legend under it)
+    fig_h = 3.1 * nrows + head_in
+    fig, axes = plt.subplots(nrows, ncols, figsize=(fig_w, fig_h), squeeze=False)
     labels = []
     for gkey in groups:
         gd = dict(zip(group_cols, gkey, strict=True))
@@ -205,7 +290,7 @@ def grouped_panels(
                     continue
                 r = row.iloc[0]
                 outcome = str(r.get("outcome"))
-                val = _num(r.get(col)) if outcome == "ok" else math.nan
+                val = _num(r.get(col)) * _SCALE.get(col, 1.0) if outcome == "ok" else math.nan
                 if normalise and col == normalise and outcome == "ok":
                     if math.isnan(ref):
                         ref = val
@@ -222,34 +307,48 @@ def grouped_panels(
                 if outcome != "ok":
                     pending.append((x, outcome))
                     continue
-                ax.bar(x, val, width=width, color=colors(si % 10))
+                if ser is None and colors is not None:
+                    color = colors.get(str(r.get("cell_name")), series_colors(0))
+                else:
+                    color = series_colors(si % 10)
+                ax.bar(x, val, width=width, color=color)
         ax.set_xticks(range(len(groups)), labels, rotation=30, ha="right", fontsize=7)
         ax.set_xlim(-0.6, len(groups) - 0.4)  # the hatched outcome bars do not take part in autoscaling
-        ax.set_ylabel(ylabel + (" (normalised)" if normalise and col == normalise else ""), fontsize=8)
+        norm = normalise and col == normalise
+        ax.set_ylabel(ylabel + (" (normalised: ratio to the first)" if norm else ""), fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
         ax.grid(axis="y", alpha=0.3)
+        if pi // ncols == nrows - 1 or pi + ncols >= len(panels):
+            ax.set_xlabel(" / ".join(_GROUP_NAMES.get(c, c) for c in group_cols), fontsize=8)
         if col.endswith("temp_c") or col.endswith("clock_mhz") or col.endswith("power_w"):
             vals = [r["value"] for r in records if r["metric"] == col and not math.isnan(r["value"])]
             if vals:
                 ax.set_ylim(0, max(vals) * 1.15)
-        if col == EFFICIENCY and not (normalise and col == normalise):
+        if col == EFFICIENCY and not norm:
             vals = [r["value"] for r in records if r["metric"] == col and r["value"] > 0]
             if vals and max(vals) / min(vals) > 50:
                 ax.set_yscale("log")
         for x, outcome in pending:
             _mark_outcome(ax, x, width, outcome)
-        measured = [r for r in records if r["metric"] == col and not math.isnan(r["value"])]
-        if not measured and not pending:  # e.g. GPU metrics of a CPU run: say so, draw no empty scale
-            ax.set_yticks([])
-            ax.text(0.5, 0.5, "not measured\n(no GPU telemetry in these cells)", transform=ax.transAxes,
-                    ha="center", va="center", fontsize=8, color="0.4")  # fmt: skip
     for pi in range(len(panels), nrows * ncols):
         axes[pi // ncols][pi % ncols].axis("off")
-    if series_col and nser > 1:
-        handles = [plt.Rectangle((0, 0), 1, 1, color=colors(i % 10)) for i in range(nser)]
+    top = 1.0 - head_in / fig_h
+    fig.suptitle(title, y=1.0 - 0.08 / fig_h, va="top")
+    if legend:
+        handles = [plt.Rectangle((0, 0), 1, 1, color=series_colors(i % 10)) for i in range(nser)]
         names = [OPT_NAMES.get(str(x), str(x)) if series_col == "opt_code" else f"{series_col}={x}" for x in series]
-        fig.legend(handles, names, loc="upper right", fontsize=8, ncol=min(nser, 4))
-    fig.suptitle(title)
-    fig.tight_layout()
+        if series_col == "opt_code":
+            names = [f"{x} ({OPT_NAMES[str(x)]})" if str(x) in OPT_NAMES else str(x) for x in series]
+        fig.legend(
+            handles,
+            names,
+            loc="upper center",
+            bbox_to_anchor=(0.5, 1.0 - 0.3 / fig_h),
+            fontsize=8,
+            ncol=min(nser, 6),
+            frameon=False,
+        )
+    fig.tight_layout(rect=(0, 0, 1, top))
     return _save(fig, out_dir, stem, pd.DataFrame(records))
 
 
@@ -257,8 +356,10 @@ def _model_layout_label(d: dict[str, Any]) -> str:
     return f"{d.get('model')}\n{d.get('layout')}" + (f" mb{d['micro_batch']}" if "micro_batch" in d else "")
 
 
-def fig4_parallelism(summary: pd.DataFrame, out_dir: Path, title: str, code: str = "01000") -> list[Path]:
-    """Fig 4: one bar per (model, layout, micro batch) at optimisation code ``code``."""
+def fig4_parallelism(
+    summary: pd.DataFrame, out_dir: Path, title: str, code: str = "01000", colors: dict[str, Any] | None = None
+) -> list[Path]:
+    """Fig 4: one bar per (model, layout, micro batch) at optimisation code ``code``, in the cell's colour."""
     s = summary[summary["opt_code"] == code]
     return grouped_panels(
         s,
@@ -268,6 +369,7 @@ def fig4_parallelism(summary: pd.DataFrame, out_dir: Path, title: str, code: str
         "fig4_parallelism",
         f"{title} (code {code})",
         group_label=_model_layout_label,
+        colors=colors,
     )
 
 
@@ -391,6 +493,8 @@ def _heatmap_figure(
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).set_label(label, fontsize=8)
         ax.set_xticks(range(ngpu), list(m.columns), rotation=90, fontsize=7)
         ax.set_yticks(range(ncell), list(m.index), fontsize=7)
+        ax.set_xlabel("GPU (host:slot)", fontsize=8)
+        ax.set_ylabel("cell", fontsize=8)
         ax.set_title(label, fontsize=9)
         for ri, name in enumerate(m.index):
             oc = outcome.get(name, "ok")
@@ -425,7 +529,7 @@ def _heatmap_figure(
                     )
     for pi in range(len(panels), nrows * ncols):
         axes[pi // ncols][pi % ncols].axis("off")
-    fig.suptitle(f"{title}: per GPU (host:slot)")
+    fig.suptitle(f"{title}: per GPU (host:slot)", y=1.0, va="bottom")
     fig.tight_layout()
     return _save(fig, out_dir, stem, pd.DataFrame(records))
 
@@ -455,9 +559,10 @@ def fig15_kernels(kernels: pd.DataFrame, summary: pd.DataFrame, out_dir: Path, t
         for (c, r), f, v in zip(bars, frac, vals, strict=True):
             records.append({"cell_name": names[c], "rank": int(r), "category": cat, "time_s": v, "fraction": f})
     ax.set_xticks(range(len(bars)), [f"{names[c]}\nrank {r}" for c, r in bars], rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel("fraction of kernel time")
+    ax.set_ylabel("fraction of GPU kernel time (0-1)")
+    ax.set_xlabel("cell and profiled rank")
     ax.set_ylim(0, 1.0)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="kernel category", title_fontsize=7)
     ax.set_title(title)
     return _save(fig, out_dir, "fig15_kernels", pd.DataFrame(records))
 
@@ -479,36 +584,54 @@ def _energy_column(summary: pd.DataFrame) -> str:
     return ""
 
 
-def pareto_figure(summary: pd.DataFrame, out_dir: Path, title: str) -> list[Path]:
+def pareto_figure(summary: pd.DataFrame, out_dir: Path, title: str, colors: dict[str, Any] | None = None) -> list[Path]:
     """Step time vs energy per step of every ok cell, one Pareto front per workload.
 
     A workload is (model, global batch, sequence length): only cells doing the same work per
-    step are comparable, so each gets its own front (highlighted); OOM and failed cells are
-    listed under the plot.
+    step are comparable, so each gets its own front (a line through its cells, one line style
+    per workload); each point has its cell's colour; OOM and failed cells are listed under
+    the plot.
     """
     ecol = _energy_column(summary)
+    colors = colors or cell_colors(summary["cell_name"].tolist())
     ok = summary[(summary["outcome"] == "ok")].copy()
     ok = ok[np.isfinite(ok["step_time_median_s"].astype(float)) & np.isfinite(ok[ecol].astype(float))]
     ok["workload"] = [
         f"{m} gb{int(g)} s{int(q)}" for m, g, q in zip(ok["model"], ok["global_batch"], ok["seq_len"], strict=True)
     ]
-    fig, ax = plt.subplots(figsize=(7.2, 4.8))
-    cmap = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(8.4, 4.8))
+    styles = ["-", "--", ":", "-."]
     parts = []
+    several = ok["workload"].nunique() > 1
     for wi, (wl, g) in enumerate(ok.groupby("workload", sort=True)):
         x = g["step_time_median_s"].to_numpy(float)
         y = g[ecol].to_numpy(float) / 1e3
         front = pareto_front(x, y)
-        c = cmap(wi % 10)
-        ax.scatter(x[~front], y[~front], color=c, alpha=0.45, s=22)
         order = np.argsort(x[front])
-        ax.plot(x[front][order], y[front][order], "-o", color=c, label=f"{wl} (front)", linewidth=1.5)
-        for xi, yi, r in zip(x, y, g.to_dict("records"), strict=True):
+        ax.plot(
+            x[front][order],
+            y[front][order],
+            styles[wi % len(styles)],
+            color="0.25",
+            linewidth=1.2,
+            label=f"front: {wl}",
+            zorder=1,
+        )
+        for xi, yi, on, r in zip(x, y, front, g.to_dict("records"), strict=True):
+            ax.scatter(
+                [xi],
+                [yi],
+                color=colors.get(str(r["cell_name"]), "0.5"),
+                s=46 if on else 26,
+                edgecolor="k" if on else "none",
+                linewidth=0.6,
+                zorder=2,
+            )
             ax.annotate(
-                f"{r['layout']} {r['opt_code']} mb{int(r['micro_batch'])}",
+                (f"{r['model']} " if several else "") + f"{r['layout']} {r['opt_code']} mb{int(r['micro_batch'])}",
                 (xi, yi),
                 fontsize=6,
-                xytext=(3, 3),
+                xytext=(4, 3),
                 textcoords="offset points",
             )
         parts.append(
@@ -530,19 +653,25 @@ def pareto_figure(summary: pd.DataFrame, out_dir: Path, title: str) -> list[Path
         )
         fig.text(0.01, -0.02, txt, ha="left", va="top", fontsize=6, color="#c44e52", wrap=True)
         parts.append(pd.DataFrame({"cell_name": bad["cell_name"], "outcome": bad["outcome"]}))
-    ax.set_xlabel("step time (s)")
-    ax.set_ylabel("energy per step (kJ, all GPUs)")
+    ax.set_xlabel("median step time (s)")
+    ax.set_ylabel("energy per step, all GPUs (kJ)")
     ax.grid(alpha=0.3)
     if parts:
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(
+            fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="outlined: on the front", title_fontsize=7
+        )
     ax.set_title(title)
+    fig.tight_layout()
     return _save(fig, out_dir, "pareto", pd.concat(parts, ignore_index=True) if parts else pd.DataFrame())
 
 
-def drift_figure(cells: pd.DataFrame, out_dir: Path, title: str, metric: str = EFFICIENCY) -> list[Path]:
-    """A metric per measurement night (UTC date of ``measured_at``) per cell: nightly drift.
+def drift_figure(
+    cells: pd.DataFrame, out_dir: Path, title: str, metric: str = EFFICIENCY, colors: dict[str, Any] | None = None
+) -> list[Path]:
+    """A metric per measurement of each cell over time: the nightly repeats, one line per cell.
 
-    Falls back to tokens/s (then step time) where the cells carry no ``metric``.
+    One point per ok cell repeat at its ``measured_at`` (UTC); the data's ``night`` column is
+    the UTC date. Falls back to tokens/s (then step time) where the cells carry no ``metric``.
     """
     for m in (metric, "tokens_per_s", "step_time_median_s"):  # CPU runs have no efficiency
         if m in cells and cells[m].notna().any():
@@ -550,27 +679,45 @@ def drift_figure(cells: pd.DataFrame, out_dir: Path, title: str, metric: str = E
             break
     else:
         return []
+    colors = colors or cell_colors(cells["cell_name"].tolist())
     ok = cells[(cells["outcome"] == "ok") & cells["measured_at"].notna()].copy()
-    ok["night"] = pd.to_datetime(ok["measured_at"], utc=True).dt.tz_convert("UTC").dt.normalize()
+    ok["at"] = pd.to_datetime(ok["measured_at"], utc=True)
+    ok["night"] = ok["at"].dt.normalize()
     ok["value"] = ok[metric].astype(float)
-    data = ok.groupby(["cell_name", "night"], as_index=False)["value"].mean()
-    fig, ax = plt.subplots(figsize=(7.0, 4.2))
-    for name, g in data.groupby("cell_name"):
-        ax.plot(g["night"], g["value"], "-o", label=str(name))
-    ax.set_ylabel(metric)
-    ax.set_xlabel("night (UTC)")
+    data = ok.sort_values(["cell_name", "at"])[["cell_name", "repeat", "at", "night", "value"]]
+    fig, ax = plt.subplots(figsize=(8.4, 4.2))
+    markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
+    for i, (name, g) in enumerate(data.groupby("cell_name", sort=True)):
+        ax.plot(
+            g["at"].dt.tz_convert(None),
+            g["value"],
+            "-",
+            marker=markers[i % len(markers)],
+            color=colors.get(str(name), "0.5"),
+            label=f"{name} ({len(g)})",
+        )
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+    ax.set_xlabel("measured at (UTC)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="cell (repeats)", title_fontsize=7)
     fig.autofmt_xdate()
     ax.set_title(title)
-    data = data.assign(night=data["night"].dt.strftime("%Y-%m-%d"), metric=metric)
+    fig.tight_layout()
+    data = data.assign(
+        night=data["night"].dt.strftime("%Y-%m-%d"),
+        measured_at=data["at"].dt.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        metric=metric,
+    ).drop(columns=["at"])
     return _save(fig, out_dir, "drift", data)
 
 
-def throughput_figure(cells: pd.DataFrame, out_dir: Path, title: str) -> list[Path]:
-    """Tokens/s per cell (mean over repeats, min-max bars); OOM and failed cells are hatched and labelled."""
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * max(1, cells["cell_name"].nunique())), 4.2))
+def throughput_figure(
+    cells: pd.DataFrame, out_dir: Path, title: str, colors: dict[str, Any] | None = None
+) -> list[Path]:
+    """Tokens/s per cell (mean over repeats, min-max bars) in the cell's colour; OOM and failed cells hatched."""
     names = sorted(cells["cell_name"].unique()) if not cells.empty else []
+    colors = colors or cell_colors(names)
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * max(1, len(names))), 4.4))
     pending = []
     records = []
     for i, name in enumerate(names):
@@ -578,14 +725,17 @@ def throughput_figure(cells: pd.DataFrame, out_dir: Path, title: str) -> list[Pa
         ok = sub[sub["outcome"] == "ok"]
         if not ok.empty and "tokens_per_s" in ok:
             v = ok["tokens_per_s"]
-            ax.bar(i, v.mean(), color="#4c72b0")
+            ax.bar(i, v.mean(), color=colors.get(str(name), "#4c72b0"))
             ax.errorbar(i, v.mean(), yerr=[[v.mean() - v.min()], [v.max() - v.mean()]], color="k", capsize=3)
-            records.append({"cell_name": name, "tokens_per_s": v.mean(), "outcome": "ok"})
+            records.append({"cell_name": name, "tokens_per_s": v.mean(), "repeats": len(v), "outcome": "ok"})
         else:
             pending.append((i, str(sub["outcome"].iloc[0])))
-            records.append({"cell_name": name, "tokens_per_s": math.nan, "outcome": str(sub["outcome"].iloc[0])})
+            records.append(
+                {"cell_name": name, "tokens_per_s": math.nan, "repeats": 0, "outcome": str(sub["outcome"].iloc[0])}
+            )
     ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
-    ax.set_ylabel("tokens / s")
+    ax.set_ylabel("throughput (tokens/s, all ranks)")
+    ax.set_xlabel("cell (bar: mean over ok repeats; whisker: min to max)")
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     if pending and not any(r["outcome"] == "ok" for r in records):
@@ -593,21 +743,72 @@ def throughput_figure(cells: pd.DataFrame, out_dir: Path, title: str) -> list[Pa
     ax.set_xlim(-0.6, len(names) - 0.4)
     for i, oc in pending:
         _mark_outcome(ax, i, 0.8, oc)
+    fig.tight_layout()
     return _save(fig, out_dir, "throughput", pd.DataFrame(records))
 
 
-def loss_figure(steps: pd.DataFrame, cells: pd.DataFrame, out_dir: Path, title: str) -> list[Path]:
-    """Training loss by step for every ok cell and repeat."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+def _same_curve(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    if len(a) != len(b) or a.empty:
+        return False
+    return bool(
+        np.array_equal(a["step"].to_numpy(), b["step"].to_numpy())
+        and np.allclose(a["loss"].to_numpy(float), b["loss"].to_numpy(float), rtol=1e-4, atol=1e-6, equal_nan=True)
+    )
+
+
+def loss_figure(
+    steps: pd.DataFrame, cells: pd.DataFrame, out_dir: Path, title: str, colors: dict[str, Any] | None = None
+) -> list[Path]:
+    """Training loss by step for every ok cell and repeat, every line visible.
+
+    Each cell has its colour and marker; curves that coincide with an earlier one (e.g. the
+    same cell with and without activation recompute: the same arithmetic) are drawn dashed or
+    dotted with their markers offset, and a note under the plot names them.
+    """
     names = dict(zip(cells["cell_id"], cells["cell_name"], strict=False)) if not cells.empty else {}
+    colors = colors or cell_colors(list(names.values()))
+    fig, ax = plt.subplots(figsize=(8.4, 4.4))
+    markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
+    styles = ["-", "--", ":", "-."]
+    marker_of = {n: markers[i % len(markers)] for i, n in enumerate(sorted(set(names.values())))}
+    drawn: list[tuple[str, pd.DataFrame, int]] = []  # label, curve, index of its group of identical curves
+    groups: list[list[str]] = []
     if not steps.empty:
-        for (cid, rep), g in steps.groupby(["cell_id", "repeat"]):
-            ax.plot(g["step"], g["loss"], marker=".", label=f"{names.get(cid, cid)} r{rep}")
-        ax.legend(fontsize=6)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+        for (cid, rep), g in steps.groupby(["cell_id", "repeat"], sort=True):
+            g = g.sort_values("step")
+            name = str(names.get(cid, cid))
+            label = f"{name} r{rep}"
+            gi = next((d[2] for d in drawn if _same_curve(d[1], g)), None)
+            if gi is None:
+                gi = len(groups)
+                groups.append([])
+            k = len(groups[gi])  # how many identical curves are already drawn under this one
+            groups[gi].append(label)
+            drawn.append((label, g, gi))
+            n = len(g)
+            every = max(1, n // 8)
+            ax.plot(
+                g["step"],
+                g["loss"],
+                linestyle=styles[k % len(styles)],
+                linewidth=1.6 if k == 0 else 1.3,
+                marker=marker_of.get(name, "o"),
+                markersize=5,
+                markevery=(min(k, every - 1) if every > 1 else 0, every),
+                markerfacecolor="none" if k else colors.get(name, "0.5"),
+                color=colors.get(name, "0.5"),
+                label=label + (" (= " + groups[gi][0] + ")" if k else ""),
+            )
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="cell, repeat", title_fontsize=7)
+    same = [g for g in groups if len(g) > 1]
+    if same:
+        txt = "identical curves, drawn dashed/dotted over each other: " + "; ".join(" = ".join(g) for g in same)
+        fig.text(0.01, -0.01, txt, ha="left", va="top", fontsize=6.5, color="0.25", wrap=True)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("training loss (cross-entropy, nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
     data = steps[[c for c in ("cell_id", "repeat", "step", "phase", "loss") if c in steps]] if not steps.empty else None
     if data is not None:
         data = data.assign(cell_name=data["cell_id"].map(names))
@@ -650,12 +851,15 @@ def draw_all(
     references: Sequence[Any] | None = None,
     schedule: str | None = None,
     report: bool = True,
+    note: str | None = None,
 ) -> list[Path]:
     """Every figure the campaign's data supports, and ``report.md``; returns all paths.
 
     The per-GPU and kernel tables come from ``gpus``/``kernels``, else from ``tables_dir``
     (by default the directory ``aggregate`` wrote ``cells`` to). ``references`` and
     ``schedule`` default to the campaign file's (looked up by name in the campaigns folder).
+    ``note`` is printed under every figure and at the top of the report (where the data comes
+    from); cells without GPU telemetry get a note saying so.
     """
     out_dir = Path(out_dir)
     tdir = _tables_from(tables_dir, cells)
@@ -669,10 +873,40 @@ def draw_all(
         refs, sched = campaign_settings(campaign)
         references = refs if references is None else references
         schedule = sched if schedule is None else schedule
-
-    paths = throughput_figure(cells, out_dir, f"{campaign}: throughput per cell")
-    paths += loss_figure(steps, cells, out_dir, f"{campaign}: training loss")
     summary = cell_summary(cells)
+    if note is None and not summary.empty and not any(_measured(summary, c) for c, _ in PANELS):
+        note = (
+            "CPU run: no GPU telemetry, so no temperature, power, clock or energy; "
+            "the panels show what it measured (step time, throughput, memory, loss)"
+        )
+    colors = cell_colors(cells["cell_name"].tolist()) if "cell_name" in cells else {}
+    with figure_note(note):
+        paths = _draw(cells, steps, out_dir, campaign, summary, gpus, kernels, schedule, colors)
+    if report:
+        from charllm.reference import check_references, write_report
+
+        checks = check_references(references or [], cells)
+        rp = write_report(out_dir, campaign, cells, checks, paths, gpus=gpus)
+        if note:
+            lines = rp.read_text().splitlines()
+            rp.write_text("\n".join([*lines[:1], "", f"_{note}_", *lines[1:]]) + "\n")
+        paths.append(rp)
+    return paths
+
+
+def _draw(
+    cells: pd.DataFrame,
+    steps: pd.DataFrame,
+    out_dir: Path,
+    campaign: str,
+    summary: pd.DataFrame,
+    gpus: pd.DataFrame | None,
+    kernels: pd.DataFrame | None,
+    schedule: str | None,
+    colors: dict[str, Any],
+) -> list[Path]:
+    paths = throughput_figure(cells, out_dir, f"{campaign}: throughput per cell", colors=colors)
+    paths += loss_figure(steps, cells, out_dir, f"{campaign}: training loss", colors=colors)
     if summary.empty:
         return paths
     for col in (
@@ -687,7 +921,7 @@ def draw_all(
         if col not in summary:
             summary[col] = math.nan
     if "opt_code" in summary and (summary["opt_code"] == "01000").any():
-        paths += fig4_parallelism(summary, out_dir, f"{campaign}: per parallel layout")
+        paths += fig4_parallelism(summary, out_dir, f"{campaign}: per parallel layout", colors=colors)
     if not _groups_with_variety(summary, ["model", "layout", "micro_batch"], "opt_code").empty:
         paths += fig8_optimisations(summary, out_dir, f"{campaign}: per optimisation code")
     if not _groups_with_variety(summary, ["model", "layout", "opt_code"], "micro_batch").empty:
@@ -697,12 +931,7 @@ def draw_all(
     if kernels is not None and not kernels.empty:
         paths += fig15_kernels(kernels, summary, out_dir, f"{campaign}: kernel time by category")
     if (summary["outcome"] == "ok").any() and _energy_column(summary):  # CPU cells have no energy
-        paths += pareto_figure(summary, out_dir, f"{campaign}: time / energy per step")
+        paths += pareto_figure(summary, out_dir, f"{campaign}: time / energy per step", colors=colors)
     if schedule or _nights(cells) > 1:
-        paths += drift_figure(cells, out_dir, f"{campaign}: nightly drift")
-    if report:
-        from charllm.reference import check_references, write_report
-
-        checks = check_references(references or [], cells)
-        paths.append(write_report(out_dir, campaign, cells, checks, paths, gpus=gpus))
+        paths += drift_figure(cells, out_dir, f"{campaign}: nightly drift", colors=colors)
     return paths

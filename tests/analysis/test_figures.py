@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from charllm.analysis.figures import cell_summary, draw_all, pareto_front
+from charllm.analysis.figures import PANELS, cell_summary, draw_all, pareto_front
 from charllm.catalog import Catalog
 from charllm.runner import CampaignRunner
 
@@ -182,31 +182,137 @@ def test_cells_without_telemetry_draw_without_energy_figures(replay_module, tmp_
     assert f4[f4["metric"] == "efficiency_samples_per_s_mj"]["value"].isna().all()
 
 
-def test_cpu_cells_say_not_measured_instead_of_an_empty_scale(tmp_path, monkeypatch):
-    """GPU panels of cells without GPU telemetry carry a note, not axes around nothing."""
+def _capture(monkeypatch) -> list:
     from charllm.analysis import figures
 
     shown: list = []
     real_save = figures._save
 
     def keep(fig, out_dir, stem, data=None):
-        shown.append(fig)
+        shown.append((stem, fig))
         return real_save(fig, out_dir, stem, data)
 
     monkeypatch.setattr(figures, "_save", keep)
-    summary = pd.DataFrame(
+    return shown
+
+
+CPU_SUMMARY = {
+    "model": ["tiny", "tiny"],
+    "tp": [1, 1],
+    "opt_code": ["00000", "01000"],
+    "outcome": ["ok", "ok"],
+    "cell_name": ["a", "b"],
+    "tokens_per_s": [2.0e4, 1.5e4],
+    "step_time_median_s": [0.05, 0.07],
+}
+
+
+def test_cpu_cells_get_the_panels_a_cpu_run_measures(tmp_path, monkeypatch):
+    """Cells without GPU telemetry (the CPU demo): panels of step time and throughput, no empty GPU panels."""
+    from charllm.analysis import figures
+
+    shown = _capture(monkeypatch)
+    paths = figures.grouped_panels(pd.DataFrame(CPU_SUMMARY), ["model", "tp"], "opt_code", tmp_path, "cpu", "cpu")
+    assert any(p.suffix == ".png" for p in paths)
+    fig = shown[0][1]
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert not any("not measured" in t for t in texts)
+    ylabels = [ax.get_ylabel() for ax in fig.axes if ax.get_visible() and ax.axison]
+    assert ylabels == ["median step time (s)", "throughput (tokens/s)"]
+    data = pd.read_csv(tmp_path / "cpu.csv")
+    assert set(data["metric"]) == {"step_time_median_s", "tokens_per_s"}
+    assert data.set_index(["metric", "cell_name"])["value"][("tokens_per_s", "b")] == 1.5e4
+
+
+def test_gpu_panels_when_measured(drawn):
+    _, _, out, _ = drawn
+    f4 = _csv(out, "fig4_parallelism")
+    assert set(f4["metric"]) == {c for c, _ in PANELS}
+
+
+def _visible_text_boxes(fig):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)  # the figure was closed after saving
+    canvas.draw()
+    r = canvas.get_renderer()
+    title = fig._suptitle.get_window_extent(r) if fig._suptitle else None
+    titles = [ax.title.get_window_extent(r) for ax in fig.axes if ax.get_title()]
+    legends = [lg.get_window_extent(r) for lg in fig.legends] + [
+        ax.get_legend().get_window_extent(r) for ax in fig.axes if ax.get_legend()
+    ]
+    return [t for t in [title, *titles] if t is not None], legends
+
+
+def test_publication_quality(replay_module, tmp_path, monkeypatch):
+    """Units on every axis, legends never over a title, one colour per cell in every figure."""
+    _, info = replay_module
+    cells = pd.read_parquet(info["cells_table"])
+    steps = pd.read_parquet(info["steps_table"])
+    shown = _capture(monkeypatch)
+    draw_all(cells, steps, tmp_path, "replay", references=[], schedule="0 2 * * *")
+    assert {stem for stem, _ in shown} >= {"throughput", "loss", "fig4_parallelism", "fig8_optimisations", "drift"}
+    for stem, fig in shown:
+        for ax in fig.axes:
+            if not ax.axison or ax.get_label() == "<colorbar>" or not ax.get_xticks().size:
+                continue
+            if ax.get_ylabel() or ax.get_xlabel():
+                assert ax.get_ylabel(), (stem, "y")
+        titles, legends = _visible_text_boxes(fig)
+        for t in titles:
+            for lg in legends:
+                assert not t.overlaps(lg), f"{stem}: a legend covers a title"
+    colour = {}
+    for stem in ("throughput", "loss", "drift"):
+        fig = dict(shown)[stem]
+        ax = fig.axes[0]
+        if stem == "throughput":
+            names = [t.get_text() for t in ax.get_xticklabels()]
+            bars = [p for p in ax.patches if p.get_height() > 0 and p.get_width() == 0.8]
+            pairs = zip(names, [b.get_facecolor() for b in bars], strict=False)
+        else:
+            pairs = (
+                (ln.get_label().split(" ")[0], ln.get_color())
+                for ln in ax.get_lines()
+                if not ln.get_label().startswith("_")
+            )
+        for name, c in pairs:
+            import matplotlib.colors as mc
+
+            colour.setdefault(name, set()).add(mc.to_hex(c))
+    assert colour and all(len(v) == 1 for v in colour.values()), colour
+
+
+def test_loss_plot_keeps_identical_curves_visible(tmp_path, monkeypatch):
+    """Two cells with the same loss curve (recompute on/off): distinct styles, a note names them."""
+    from charllm.analysis import figures
+
+    shown = _capture(monkeypatch)
+    steps = pd.DataFrame(
         {
-            "model": ["tiny", "tiny"],
-            "tp": [1, 1],
-            "opt_code": ["00000", "01000"],
-            "outcome": ["ok", "ok"],
-            "cell_name": ["a", "b"],
-            "tokens_per_s": [2.0e4, 1.5e4],
+            "cell_id": ["x"] * 8 + ["y"] * 8 + ["z"] * 8,
+            "repeat": [0] * 24,
+            "step": list(range(8)) * 3,
+            "loss": [5 - 0.3 * i for i in range(8)] * 2 + [5.1 - 0.2 * i for i in range(8)],
         }
     )
-    paths = figures.grouped_panels(summary, ["model", "tp"], "opt_code", tmp_path, "cpu_panels", "cpu")
-    assert any(p.suffix == ".png" for p in paths)
-    texts = [t.get_text() for ax in shown[0].axes for t in ax.texts]
-    assert texts.count("not measured\n(no GPU telemetry in these cells)") == len(figures.PANELS)
-    data = pd.read_csv(tmp_path / "cpu_panels.csv")
-    assert data["value"].isna().all()  # nothing invented in the plotted data either
+    cells = pd.DataFrame({"cell_id": ["x", "y", "z"], "cell_name": ["mb2", "mb2-recompute", "mb4"]})
+    figures.loss_figure(steps, cells, tmp_path, "loss")
+    fig = shown[0][1]
+    lines = [ln for ln in fig.axes[0].get_lines()]
+    assert len(lines) == 3
+    styles = {ln.get_label().split(" ")[0]: ln.get_linestyle() for ln in lines}
+    assert styles["mb2"] != styles["mb2-recompute"]
+    assert {ln.get_marker() for ln in lines} == {"o", "s", "^"}
+    notes = [t.get_text() for t in fig.texts]
+    assert any("identical curves" in t and "mb2 r0 = mb2-recompute r0" in t for t in notes), notes
+
+
+def test_note_labels_every_figure_and_the_report(replay_module, tmp_path, monkeypatch):
+    _, info = replay_module
+    cells = pd.read_parquet(info["cells_table"])
+    shown = _capture(monkeypatch)
+    paths = draw_all(cells, pd.DataFrame(), tmp_path, "replay", references=[], schedule=None, note="Recorded GPU data")
+    assert shown and all(any(t.get_text() == "Recorded GPU data" for t in fig.texts) for _, fig in shown)
+    report = next(p for p in paths if p.name == "report.md").read_text()
+    assert report.splitlines()[2] == "_Recorded GPU data_"
