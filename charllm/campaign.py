@@ -14,39 +14,95 @@ import fnmatch
 import hashlib
 import itertools
 import json
+import math
+import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
+    StrictBool,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from charllm import capabilities, modelcat
 from charllm.capabilities import CellView, Refusal
 from charllm.errors import ConfigError
-from charllm.shell import NAME_RE
+from charllm.shell import has_control, is_safe_name
+from charllm.yamlload import load_yaml_file
 
 HASH_LEN = 16
 
+# -- bounds: checked before any expansion work -------------------------------------------------
+
+DEFAULT_MAX_CELLS = 10_000  # cells per campaign (sweep product + include entries); CHARLLM_MAX_CELLS
+MAX_EXCLUDE = 1_000  # exclude entries per campaign
+MAX_STEPS = 100_000
+MAX_SEED = 2**31 - 1
+MAX_DEGREE = 65_536  # tp, pp, pp_virtual, dp, cp, ep
+MAX_GPUS = 4096 * 64  # the largest cluster profile: 4096 nodes of 64
+MAX_MICRO_BATCH = 65_536
+MAX_GLOBAL_BATCH = 1 << 24
+MAX_SEQ_LEN = 1 << 20
+MAX_PROXY_LAYERS = 1024
+
+
+def max_cells() -> int:
+    """Cells one campaign may hold: ``CHARLLM_MAX_CELLS`` or :data:`DEFAULT_MAX_CELLS`."""
+    raw = os.environ.get("CHARLLM_MAX_CELLS", "").strip()
+    if not raw:
+        return DEFAULT_MAX_CELLS
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError("environment", "CHARLLM_MAX_CELLS", f"{raw!r} is not a positive whole number")
+    return int(raw)
+
+
+def field_error(field: str, message: str) -> PydanticCustomError:
+    """An error of a model-level check that belongs to one field (``_raise_validation`` names it)."""
+    return PydanticCustomError("field_error", "{message}", {"field": field, "message": message})
+
 
 def _safe_name(value: str) -> str:
-    if not NAME_RE.match(value):
+    if not is_safe_name(value):
         raise ValueError(
             f"{value!r} is not a safe name: use letters, digits, '_', '.', '-' "
-            "(first a letter or digit, at most 128 characters)"
+            "(first a letter or digit, at most 128 characters, no spaces or control characters)"
         )
     return value
 
 
-SafeName = Annotated[str, AfterValidator(_safe_name)]
+# every name that reaches a file path, a job name or a script: one full-match pattern (charllm.shell)
+SafeName = Annotated[str, Strict(), AfterValidator(_safe_name)]
+
+_NUMBER_RE = re.compile(r"\A[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\Z")
+
+
+def _number_text(value: Any) -> Any:
+    """YAML 1.1 reads ``3e-4`` as a string: accept a plain decimal literal, nothing else (no "nan", "inf")."""
+    if isinstance(value, str) and _NUMBER_RE.match(value.strip()):
+        return float(value)
+    return value
+
+
+#: a whole number: no bool, no float (2.5 is not truncated to 2), no string ("2")
+Int = Annotated[int, Strict()]
+#: a finite number: an int is fine, a numeric YAML-1.1 string like ``3e-4`` too; bools, "nan", "abc" are not
+Number = Annotated[float, BeforeValidator(_number_text), Strict(), Field(allow_inf_nan=False)]
+Degree = Annotated[int, Strict(), Field(ge=1, le=MAX_DEGREE)]
+Gpus = Annotated[int, Strict(), Field(ge=1, le=MAX_GPUS)]
+MicroBatch = Annotated[int, Strict(), Field(ge=1, le=MAX_MICRO_BATCH)]
+GlobalBatch = Annotated[int, Strict(), Field(ge=1, le=MAX_GLOBAL_BATCH)]
+SeqLen = Annotated[int, Strict(), Field(ge=1, le=MAX_SEQ_LEN)]
 
 _TIME_RE = r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$|^\d+$"
 
@@ -60,19 +116,19 @@ class ClusterProfile(_Strict):
 
     name: SafeName
     gpu_type: Literal["cpu", "h100", "h200", "a100"] = "cpu"
-    gpus_per_node: int = Field(1, ge=1, le=64)
-    nodes: int = Field(1, ge=1, le=4096)
+    gpus_per_node: Int = Field(1, ge=1, le=64)
+    nodes: Int = Field(1, ge=1, le=4096)
     partition: SafeName | None = None
     account: SafeName | None = None
     qos: SafeName | None = None
     time_limit: str = Field("00:30:00", pattern=_TIME_RE)
     gres_per_node: str | None = Field(None, pattern=r"^[A-Za-z0-9_:]+$")
-    cpus_per_task: int = Field(1, ge=1)
+    cpus_per_task: Int = Field(1, ge=1, le=4096)
     mem: str | None = Field(None, pattern=r"^\d+[KMGT]?$")
     launcher: Literal["torchrun", "srun", "python"] = "torchrun"
-    poll_interval_s: float = Field(10.0, gt=0, le=600)
+    poll_interval_s: Number = Field(10.0, gt=0, le=600)
     # local backend only: how many jobs may run at once (1 keeps measurements apart)
-    local_slots: int = Field(1, ge=1, le=64)
+    local_slots: Int = Field(1, ge=1, le=64)
     # the training environment on the cluster ({env_dir}/bin/python); relative to the login home
     env_dir: str | None = Field(None, pattern=r"^[A-Za-z0-9_./~\-]+$")
     # how the environment job installs it: packages (pinned by requirements.lock) and extra pip args
@@ -83,7 +139,7 @@ class ClusterProfile(_Strict):
     bootstrap_python: str = Field("python3", pattern=r"^[A-Za-z0-9_./\-]+$")
     workdir: str | None = Field(None, pattern=r"^[A-Za-z0-9_./~\-]+$")
     # extra environment for every job (values are quoted when rendered)
-    env: dict[SafeName, str] = Field(default_factory=dict)
+    env: dict[SafeName, Annotated[str, Strict(), Field(max_length=4096)]] = Field(default_factory=dict)
     modules: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_./+\-]+$")]] = Field(default_factory=list)
 
     @field_validator("env")
@@ -100,8 +156,8 @@ class ClusterProfile(_Strict):
 
 
 class ModelRef(_Strict):
-    name: str
-    proxy_layers: int | None = Field(None, ge=1)
+    name: Annotated[str, Strict()]
+    proxy_layers: Int | None = Field(None, ge=1, le=MAX_PROXY_LAYERS)
 
     @field_validator("name")
     @classmethod
@@ -110,6 +166,14 @@ class ModelRef(_Strict):
             raise ValueError(f"unknown model {v!r}; known: {', '.join(modelcat.names())}")
         return v
 
+    @model_validator(mode="after")
+    def _proxy(self) -> ModelRef:
+        try:
+            self.shape()
+        except (KeyError, ValueError) as err:
+            raise field_error("proxy_layers", str(err).strip("'\"")) from None
+        return self
+
     def shape(self) -> modelcat.ModelShape:
         return modelcat.get(self.name, self.proxy_layers)
 
@@ -117,10 +181,16 @@ class ModelRef(_Strict):
 class Warmup(_Strict):
     """When a cell counts as warm: at least min_steps, steady step time and temperature."""
 
-    min_steps: int = Field(2, ge=0)
-    max_steps: int = Field(20, ge=0)
-    step_time_cv: float = Field(0.05, gt=0)
-    temp_slope_c_per_s: float = Field(0.05, gt=0)
+    min_steps: Int = Field(2, ge=0, le=MAX_STEPS)
+    max_steps: Int = Field(20, ge=0, le=MAX_STEPS)
+    step_time_cv: Number = Field(0.05, gt=0, le=100)
+    temp_slope_c_per_s: Number = Field(0.05, gt=0, le=1000)
+
+    @model_validator(mode="after")
+    def _order(self) -> Warmup:
+        if self.min_steps > self.max_steps:
+            raise field_error("min_steps", f"{self.min_steps} is greater than max_steps {self.max_steps}")
+        return self
 
 
 DATA_FORMAT_VERSION = 1  # bump when the prepared dataset's layout changes (new directory key)
@@ -151,11 +221,23 @@ class Dataset(_Strict):
     corpus: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(default_factory=list)
     tokenizer: Literal["bytes"] = "bytes"
 
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = v.split("/")
+        if ".." in parts:
+            raise ValueError(f"{v!r}: a '..' component would leave the data root")
+        if any(p.startswith("~") for p in parts[1:]) or (parts[0].startswith("~") and parts[0] != "~"):
+            raise ValueError(f"{v!r}: '~' only as the first component ('~/...': the login home)")
+        return v
+
     @field_validator("corpus")
     @classmethod
     def _corpus(cls, v: list[str]) -> list[str]:
         for i, src in enumerate(v):
-            if any(c in src for c in "\n\r\0"):
+            if has_control(src):
                 raise ValueError(f"corpus[{i}]: control characters in {src!r}")
             if "://" in src and not src.startswith(("http://", "https://")):
                 raise ValueError(f"corpus[{i}]: {src!r}: only local paths and http(s) URLs are supported")
@@ -198,11 +280,11 @@ class ReferenceBand(_Strict):
     """An expected value with bounds, checked after aggregation."""
 
     metric: SafeName
-    value: float
-    lower: float
-    upper: float
-    unit: str = ""
-    cells: str = "*"  # glob over cell names
+    value: Number
+    lower: Number
+    upper: Number
+    unit: Annotated[str, Strict(), Field(max_length=64)] = ""
+    cells: Annotated[str, Strict(), Field(min_length=1, max_length=1024)] = "*"  # glob over cell names
 
 
 AXES = (
@@ -223,10 +305,16 @@ AXES = (
     "opt_code",
 )
 
-_OptCode = Annotated[str, Field(pattern=r"^[01]{5}$")]
+_OptCode = Annotated[str, Strict(), Field(pattern=r"^[01]{5}$")]
+_Recompute = StrictBool | Literal["none", "full", "selective"]
+_Dp = Degree | Literal["auto"]
 
 
-_Recompute = bool | Literal["none", "full", "selective"]
+def _model_names(v: Any) -> Any:
+    """``model: gpt3-1.3b`` is ``model: {name: gpt3-1.3b}``."""
+    if isinstance(v, list):
+        return [{"name": m} if isinstance(m, str) else m for m in v]
+    return {"name": v} if isinstance(v, str) else v
 
 
 class Sweep(_Strict):
@@ -236,30 +324,31 @@ class Sweep(_Strict):
     ``recompute``: ``false``/``"none"``, ``true``/``"full"`` (whole layers) or ``"selective"``
     (the attention core only). With ``opt_code``, its second digit turns recompute on (full,
     or selective where this axis says so) or off.
+
+    The value types (and bounds) are :class:`Point`'s: one definition for the axes and for
+    the ``include``/``exclude`` entries.
     """
 
     model: list[ModelRef] | None = None
-    gpus: list[Annotated[int, Field(ge=1)]] | None = None
-    tp: list[Annotated[int, Field(ge=1)]] = [1]
-    pp: list[Annotated[int, Field(ge=1)]] = [1]
-    pp_virtual: list[Annotated[int, Field(ge=1)]] = [1]
-    dp: list[Annotated[int, Field(ge=1)] | Literal["auto"]] = [1]
-    cp: list[Annotated[int, Field(ge=1)]] = [1]
-    ep: list[Annotated[int, Field(ge=1)]] = [1]
-    fsdp: list[bool] = [False]
-    micro_batch: list[Annotated[int, Field(ge=1)]] = [1]
-    global_batch: list[Annotated[int, Field(ge=1)]] = [8]
-    seq_len: list[Annotated[int, Field(ge=1)]] = [64]
+    gpus: list[Gpus] | None = None
+    tp: list[Degree] = [1]
+    pp: list[Degree] = [1]
+    pp_virtual: list[Degree] = [1]
+    dp: list[_Dp] = [1]
+    cp: list[Degree] = [1]
+    ep: list[Degree] = [1]
+    fsdp: list[StrictBool] = [False]
+    micro_batch: list[MicroBatch] = [1]
+    global_batch: list[GlobalBatch] = [8]
+    seq_len: list[SeqLen] = [64]
     recompute: list[_Recompute] = [False]
-    overlap: list[bool] = [False]
+    overlap: list[StrictBool] = [False]
     opt_code: list[_OptCode] | None = None
 
     @field_validator("model", mode="before")
     @classmethod
     def _models(cls, v: Any) -> Any:
-        if isinstance(v, list):
-            return [{"name": m} if isinstance(m, str) else m for m in v]
-        return v
+        return _model_names(v)
 
     @model_validator(mode="after")
     def _nonempty(self) -> Sweep:
@@ -270,11 +359,53 @@ class Sweep(_Strict):
         return self
 
 
+class Point(_Strict):
+    """One ``include`` or ``exclude`` entry: some axes, each one value of :class:`Sweep`'s type.
+
+    ``{fsdp: "false"}`` is an error (not a true string), ``{tp: 2.5}`` too (not 2), ``{tp: 0}``
+    too; a null value is an error (leave the axis out instead).
+    """
+
+    model: ModelRef | None = None
+    gpus: Gpus | None = None
+    tp: Degree | None = None
+    pp: Degree | None = None
+    pp_virtual: Degree | None = None
+    dp: _Dp | None = None
+    cp: Degree | None = None
+    ep: Degree | None = None
+    fsdp: StrictBool | None = None
+    micro_batch: MicroBatch | None = None
+    global_batch: GlobalBatch | None = None
+    seq_len: SeqLen | None = None
+    recompute: _Recompute | None = None
+    overlap: StrictBool | None = None
+    opt_code: _OptCode | None = None
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _models(cls, v: Any) -> Any:
+        return _model_names(v)
+
+    @model_validator(mode="after")
+    def _given(self) -> Point:
+        nulls = sorted(k for k in self.model_fields_set if getattr(self, k) is None)
+        if nulls:
+            raise ValueError(f"null value for {', '.join(nulls)}: leave the axis out instead")
+        if not self.model_fields_set:
+            raise ValueError("an empty entry: name at least one axis")
+        return self
+
+    def axes(self) -> dict[str, Any]:
+        """The axes this entry names, with their values."""
+        return {k: getattr(self, k) for k in AXES if k in self.model_fields_set}
+
+
 class Nightly(_Strict):
     """What a scheduled run re-measures: the cells matching ``cells``, ``repeats`` new repeats each."""
 
-    cells: str = Field("*", min_length=1, max_length=1024)
-    repeats: int = Field(1, ge=1, le=100)
+    cells: Annotated[str, Strict()] = Field("*", min_length=1, max_length=1024)
+    repeats: Int = Field(1, ge=1, le=100)
 
 
 class TimeLimitRule(_Strict):
@@ -288,26 +419,26 @@ class Campaign(_Strict):
     """A campaign file, validated."""
 
     name: SafeName
-    description: str = ""
+    description: Annotated[str, Strict(), Field(max_length=10_000)] = ""
     cluster: SafeName | ClusterProfile
     model: ModelRef
     engine: Literal["torch", "megatron"] = "torch"
     precision: Literal["bf16", "fp32"] = "bf16"
     backend: Literal["local", "slurm"] = "local"
     connection_id: SafeName | None = None
-    schedule: str | None = None
-    steps: int = Field(10, ge=1)
-    repeats: int = Field(1, ge=1, le=100)
+    schedule: Annotated[str, Strict(), Field(max_length=256)] | None = None
+    steps: Int = Field(10, ge=1, le=MAX_STEPS)
+    repeats: Int = Field(1, ge=1, le=100)
     warmup: Warmup = Warmup()
-    telemetry_hz: float = Field(20.0, gt=0, le=1000)
-    profile_kernels: bool = False
-    compile: bool = False
-    learning_rate: float = Field(3e-4, gt=0, le=1)
-    seed: int = 1234
+    telemetry_hz: Number = Field(20.0, gt=0, le=1000)
+    profile_kernels: StrictBool = False
+    compile: StrictBool = False
+    learning_rate: Number = Field(3e-4, gt=0, le=1)
+    seed: Int = Field(1234, ge=0, le=MAX_SEED)
     dataset: Dataset = Dataset()
     sweep: Sweep = Sweep()
-    include: list[dict[str, Any]] = Field(default_factory=list)
-    exclude: list[dict[str, Any]] = Field(default_factory=list)
+    include: list[Point] = Field(default_factory=list)
+    exclude: list[Point] = Field(default_factory=list, max_length=MAX_EXCLUDE)
     references: list[ReferenceBand] = Field(default_factory=list)
     # scheduled runs re-measure this subset as new repeats (drift across nights)
     nightly: Nightly = Nightly()
@@ -318,25 +449,52 @@ class Campaign(_Strict):
     @field_validator("model", mode="before")
     @classmethod
     def _model(cls, v: Any) -> Any:
-        return {"name": v} if isinstance(v, str) else v
+        return _model_names(v)
 
     @field_validator("schedule")
     @classmethod
     def _cron(cls, v: str | None) -> str | None:
-        if v is None or v.startswith("@"):
-            return v
-        if len(v.split()) != 5 or any(c in v for c in ";|&$`\n"):
-            raise ValueError(f"{v!r} is not a five-field cron expression")
-        return v
+        return None if v is None else check_schedule(v)
 
-    @field_validator("include", "exclude")
-    @classmethod
-    def _axes_known(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        for i, entry in enumerate(v):
-            unknown = set(entry) - set(AXES)
-            if unknown:
-                raise ValueError(f"entry {i}: unknown axis {sorted(unknown)}; axes are {', '.join(AXES)}")
+    @model_validator(mode="after")
+    def _backend(self) -> Campaign:
+        if self.backend == "slurm" and self.connection_id is None:
+            raise field_error(
+                "connection_id", "backend 'slurm' needs connection_id (the Airflow SSH connection to the cluster)"
+            )
+        return self
+
+
+#: the ``@`` presets Airflow 3.3 turns into a timetable (``airflow.utils.dates.cron_presets`` and
+#: ``@once``); ``@continuous`` is left out: it would start the whole campaign again the moment it ends
+SCHEDULE_PRESETS = ("@once", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly")
+
+
+def check_schedule(v: str) -> str:
+    """A five-field cron expression croniter (Airflow's parser) accepts and that fires, or a preset."""
+    if any(not ch.isprintable() for ch in v):
+        raise ValueError(f"{v!r}: control characters in a schedule")
+    if v.startswith("@"):
+        if v not in SCHEDULE_PRESETS:
+            raise ValueError(
+                f"{v!r} is not a schedule preset Airflow accepts; use one of {', '.join(SCHEDULE_PRESETS)}"
+            )
         return v
+    if len(v.split()) != 5:
+        raise ValueError(f"{v!r} is not a five-field cron expression (minute hour day month weekday, one space apart)")
+    from datetime import datetime
+
+    from croniter import CroniterBadCronError, CroniterBadDateError, croniter
+
+    try:
+        croniter(v, datetime(2026, 1, 1)).get_next(datetime)
+    except CroniterBadCronError as err:
+        raise ValueError(f"{v!r} is not a valid cron expression: {err}") from None
+    except CroniterBadDateError:
+        raise ValueError(f"{v!r} never fires (no such date)") from None
+    except (ValueError, TypeError, KeyError, IndexError) as err:  # croniter's own parser on odd input
+        raise ValueError(f"{v!r} is not a valid cron expression: {err}") from None
+    return v
 
 
 class ParallelLayout(_Strict):
@@ -352,9 +510,9 @@ class ParallelLayout(_Strict):
 class Cell(_Strict):
     """One resolved sweep cell. ``cell_id`` is the content hash of everything measured."""
 
-    campaign: str
-    cell_id: str
-    name: str
+    campaign: SafeName
+    cell_id: Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
+    name: SafeName
     model: dict[str, Any]
     parallel: ParallelLayout
     micro_batch: int
@@ -437,37 +595,96 @@ def cell_hash(resolved: dict[str, Any]) -> str:
 # -- loading ----------------------------------------------------------------------------
 
 
+_FIELD_PART = re.compile(r"\A[a-z_][a-z0-9_]*\Z")
+# pydantic names the member of a union (or the validator) that failed inside the loc: not a field
+_TYPE_TAGS = {"int", "bool", "str", "float", "list", "dict", "none", "constrained-int", "constrained-str"}
+
+
 def _loc(err: Any) -> str:
-    return ".".join(str(p) for p in err["loc"]) or "(top level)"
+    """Pydantic's error location as ``sweep.dp[0]``, without the union member tags pydantic adds."""
+    out = ""
+    loc = list(err["loc"])
+    if err.get("type") == "field_error":
+        loc.append(err["ctx"]["field"])
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and _FIELD_PART.match(part) and part not in _TYPE_TAGS:
+            out += f".{part}" if out else part
+    return out or "(top level)"
 
 
-def _raise_validation(source: str, exc: ValidationError) -> None:
-    first = exc.errors()[0]
-    field = _loc(first)
-    msg = str(first["msg"]).removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        msg = "unknown field"
-    extra = len(exc.errors()) - 1
+def _msg(err: Any) -> str:
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        loc = err["loc"]
+        if len(loc) >= 3 and loc[0] in ("include", "exclude") and isinstance(loc[1], int):
+            return f"unknown axis {loc[-1]!r}; axes are {', '.join(AXES)}"
+        return "unknown field"
+    return msg
+
+
+def _got(err: Any, msg: str) -> str:
+    """`` (got 'false')``: the offending value, unless the message shows it already."""
+    value = err.get("input")
+    if err["type"] in ("missing", "field_error", "extra_forbidden"):
+        return ""
+    if not isinstance(value, str | int | float | bool | None):
+        return ""
+    shown = repr(value)
+    if shown in msg:
+        return ""
+    return f" (got {shown[:80]}{'...' if len(shown) > 80 else ''})"
+
+
+def _raise_validation(source: str, exc: ValidationError, prefix: str = "") -> None:
+    """The first failing field (its messages from every union member joined) and how many others failed.
+
+    Where a union failed both as a plain value and as a model (``cluster: name | {profile}``),
+    the type error of the branch the input was not meant for is dropped.
+    """
+    errors = exc.errors()
+    locs = [_loc(e) for e in errors]
+    keep = [
+        (e, loc)
+        for e, loc in zip(errors, locs, strict=True)
+        if not (
+            str(e["type"]).endswith("_type")
+            and any(other != loc and other.startswith(loc + (".") if loc != "(top level)" else "") for other in locs)
+        )
+    ]
+    groups: dict[str, list[str]] = {}
+    got: dict[str, str] = {}
+    for err, loc in keep:
+        field = f"{prefix}.{loc}" if prefix else loc
+        msgs = groups.setdefault(field, [])
+        m = _msg(err)
+        if m not in msgs:
+            msgs.append(m)
+        got.setdefault(field, _got(err, m))
+    field, msgs = next(iter(groups.items()))
+    msg = "; or ".join(msgs) + got[field]
+    extra = len(groups) - 1
     if extra:
-        msg += f" (and {extra} more error{'s' if extra > 1 else ''})"
+        msg += f" (and {extra} more field{'s' if extra > 1 else ''} with errors)"
     raise ConfigError(source, field, msg) from exc
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
-    src = str(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ConfigError(src, "(file)", f"cannot read: {err}") from err
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(yaml)"
-        raise ConfigError(src, where, f"YAML syntax error: {getattr(err, 'problem', err)}") from err
+    """A YAML file's top-level mapping, read within :mod:`charllm.yamlload`'s bounds."""
+    data = load_yaml_file(path)
     if not isinstance(data, dict):
-        raise ConfigError(src, "(top level)", "expected a mapping of fields")
+        raise ConfigError(str(path), "(top level)", "expected a mapping of fields")
     return data
+
+
+def path_under(root: Path, *parts: str) -> Path:
+    """``root/parts...``, proven to stay under ``root`` (resolved, symlinks followed); ConfigError otherwise."""
+    base = root.resolve()
+    path = base.joinpath(*parts).resolve()
+    if not path.is_relative_to(base):
+        raise ConfigError(str(root), "/".join(parts), f"the path leaves its folder {base} (resolves to {path})")
+    return path
 
 
 def clusters_dir(campaign_path: Path) -> Path:
@@ -476,6 +693,8 @@ def clusters_dir(campaign_path: Path) -> Path:
 
 
 def load_cluster(name: str, search: Path, source: str) -> ClusterProfile:
+    if not is_safe_name(name):
+        raise ConfigError(source, "cluster", f"{name!r} is not a safe name")
     path = search / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in search.glob("*.yaml")) if search.is_dir() else []
@@ -555,17 +774,6 @@ def load_campaign(path: str | Path, clusters: Path | None = None, check: bool = 
 # -- expansion --------------------------------------------------------------------------
 
 
-def _model_ref(value: ModelRef | str | dict[str, Any], source: str, field: str) -> ModelRef:
-    if isinstance(value, ModelRef):
-        return value
-    try:
-        if isinstance(value, str):
-            return ModelRef(name=value)
-        return ModelRef.model_validate(value)
-    except ValidationError as exc:
-        raise ConfigError(source, field, exc.errors()[0]["msg"]) from exc
-
-
 def _axis_values(camp: Campaign) -> dict[str, list[Any]]:
     sweep = camp.sweep
     axes: dict[str, list[Any]] = {}
@@ -578,26 +786,61 @@ def _axis_values(camp: Campaign) -> dict[str, list[Any]]:
     return axes
 
 
-def _matches(point: dict[str, Any], pattern: dict[str, Any]) -> bool:
-    for k, v in pattern.items():
-        pv = point.get(k)
-        if k == "model":
-            pv = pv.name if isinstance(pv, ModelRef) else pv
-            v = v["name"] if isinstance(v, dict) else v
-        elif k == "recompute":
-            pv, v = _recompute(pv), _recompute(v)
-        elif k == "pp_virtual":
-            pv = 1 if pv is None else pv
-        if pv != v:
-            return False
-    return True
-
-
-def _recompute(value: Any) -> str:
-    try:
+def _norm(axis: str, value: Any) -> Any:
+    """An axis value as ``exclude`` compares it: recompute in any spelling, pp_virtual 1 when absent."""
+    if axis == "recompute":
         return capabilities.recompute_mode(value)
-    except ValueError:
-        return repr(value)  # an unknown value matches nothing; resolve() names it
+    if axis == "pp_virtual" and value is None:
+        return 1
+    if axis == "model" and isinstance(value, ModelRef):
+        return (value.name, value.proxy_layers)
+    return value
+
+
+class _Excluder:
+    """``exclude`` entries grouped by the axes they name: one set lookup per group and point."""
+
+    def __init__(self, excludes: Sequence[Point]) -> None:
+        self.groups: dict[tuple[str, ...], set[tuple[Any, ...]]] = {}
+        for ex in excludes:
+            ax = ex.axes()
+            if "model" in ax and ax["model"].proxy_layers is None:  # {model: name}: any proxy of it
+                ax["model_name"] = ax.pop("model").name
+            keys = tuple(sorted(ax))
+            self.groups.setdefault(keys, set()).add(tuple(self._get(ax, k) for k in keys))
+
+    @staticmethod
+    def _get(point: dict[str, Any], key: str) -> Any:
+        if key == "model_name":
+            return point["model_name"] if "model_name" in point else point["model"].name
+        return _norm(key, point.get(key))
+
+    def excludes(self, point: dict[str, Any]) -> bool:
+        return any(tuple(self._get(point, k) for k in keys) in vals for keys, vals in self.groups.items())
+
+
+def _matches(point: dict[str, Any], pattern: Point) -> bool:
+    """Whether ``pattern`` (an exclude entry) matches the sweep point."""
+    return _Excluder([pattern]).excludes(point)
+
+
+def check_size(camp: Campaign, source: str) -> int:
+    """The number of points the campaign names (product of the axis lengths + include entries), checked
+    against :func:`max_cells` before anything is expanded."""
+    axes = _axis_values(camp)
+    product = math.prod(len(v) for v in axes.values())
+    total = product + len(camp.include)
+    limit = max_cells()
+    if total > limit:
+        shape = " x ".join(f"{k} {len(v)}" for k, v in axes.items() if len(v) > 1) or "1"
+        field = "include" if len(camp.include) > limit else "sweep"
+        raise ConfigError(
+            source,
+            field,
+            f"the campaign names {total} cells (sweep {shape} = {product}, plus {len(camp.include)} include "
+            f"entries); at most {limit} cells per campaign (CHARLLM_MAX_CELLS): split it into several campaigns",
+        )
+    return total
 
 
 def _point_name(p: dict[str, Any], shape: modelcat.ModelShape, code: str) -> str:
@@ -631,9 +874,15 @@ def resolve(
     """Turn one sweep point into a Cell checked against :mod:`charllm.capabilities`.
 
     A point that names no cell (dp ``auto`` not dividing ``gpus``, ``gpus`` not tp*pp*dp*cp)
-    always raises; a cell the capability table refuses raises only with ``check``.
+    always raises; a cell the capability table refuses raises only with ``check``. ``point``
+    may hold raw values (``{"model": "tiny", "tp": 2}``): they are checked as a :class:`Point`.
     """
-    cell, refused = _resolve(camp, cluster, point, source, where)
+    try:
+        typed = Point.model_validate(point).axes()
+    except ValidationError as exc:
+        _raise_validation(source, exc, prefix=where)
+        raise
+    cell, refused = _resolve(camp, cluster, typed, source, where)
     if check and refused:
         raise refusal_error(source, where, cell.name, refused)
     return cell
@@ -645,9 +894,9 @@ def _resolve(
     def bad(field: str, msg: str) -> ConfigError:
         return ConfigError(source, f"{where}.{field}", msg)
 
-    ref = _model_ref(point.get("model", camp.model), source, f"{where}.model")
+    ref: ModelRef = point.get("model", camp.model)
     shape = ref.shape()
-    tp, pp, cp, ep, vp = (int(point.get(k, 1)) for k in ("tp", "pp", "cp", "ep", "pp_virtual"))
+    tp, pp, cp, ep, vp = (point.get(k, 1) for k in ("tp", "pp", "cp", "ep", "pp_virtual"))
     dp_raw = point.get("dp", 1)
     gpus = point.get("gpus")
     if dp_raw == "auto":
@@ -657,7 +906,7 @@ def _resolve(
             raise bad("dp", f"gpus={gpus} is not divisible by tp*pp*cp={tp * pp * cp}")
         dp = gpus // (tp * pp * cp)
     else:
-        dp = int(dp_raw)
+        dp = dp_raw
     world = tp * pp * dp * cp
     if gpus is not None and gpus != world:
         raise bad("gpus", f"world size mismatch: gpus={gpus} but tp*pp*dp*cp = {tp}*{pp}*{dp}*{cp} = {world}")
@@ -670,10 +919,10 @@ def _resolve(
         overlap = code[0] == "1"
         mode = ("selective" if mode == "selective" else "full") if code[1] == "1" else "none"
     else:
-        overlap = bool(point.get("overlap", False))
+        overlap = point.get("overlap", False)
         code = f"{int(overlap)}{int(mode != 'none')}000"
-    mb, gb, seq = int(point.get("micro_batch", 1)), int(point.get("global_batch", 8)), int(point.get("seq_len", 64))
-    fsdp = bool(point.get("fsdp", False))
+    mb, gb, seq = point.get("micro_batch", 1), point.get("global_batch", 8), point.get("seq_len", 64)
+    fsdp = point.get("fsdp", False)
     nodes = max(1, -(-world // cluster.gpus_per_node))
 
     # knobs at their default stay out of the hashed dict: older cells keep their ids
@@ -715,16 +964,19 @@ def _resolve(
     return cell, cell_refusals(cell, cluster)
 
 
-def _points(camp: Campaign) -> list[tuple[str, dict[str, Any]]]:
+def _points(camp: Campaign, source: str = "<campaign>") -> list[tuple[str, dict[str, Any]]]:
+    check_size(camp, source)  # before itertools.product: a million-cell sweep is refused, not built
     axes = _axis_values(camp)
     keys = list(axes)
+    ex = _Excluder(camp.exclude)
     points: list[tuple[str, dict[str, Any]]] = []
     for i, combo in enumerate(itertools.product(*(axes[k] for k in keys))):
-        points.append((f"sweep[{i}]", dict(zip(keys, combo, strict=True))))
-    points = [(w, p) for w, p in points if not any(_matches(p, ex) for ex in camp.exclude)]
+        point = dict(zip(keys, combo, strict=True))
+        if not ex.excludes(point):
+            points.append((f"sweep[{i}]", point))
     base = {k: v[0] for k, v in axes.items() if len(v) == 1}
     for i, inc in enumerate(camp.include):
-        points.append((f"include[{i}]", {**base, **inc}))
+        points.append((f"include[{i}]", {**base, **inc.axes()}))
     return points
 
 
@@ -735,8 +987,10 @@ def expand(camp: Campaign, cluster: ClusterProfile, source: str = "<campaign>") 
     the first cell the capability table refuses.
     """
     cells: dict[str, Cell] = {}
-    for where, point in _points(camp):
-        cell = resolve(camp, cluster, point, source, where)
+    for where, point in _points(camp, source):
+        cell, refused = _resolve(camp, cluster, point, source, where)
+        if refused:
+            raise refusal_error(source, where, cell.name, refused)
         cells.setdefault(cell.cell_id, cell)
     if not cells:
         raise ConfigError(source, "sweep", "the sweep expands to no cells")
@@ -749,7 +1003,7 @@ def expand_all(
     """Like :func:`expand`, but refused cells are kept: (cells, cell id -> why it cannot run)."""
     cells: dict[str, Cell] = {}
     refused: dict[str, list[Refusal]] = {}
-    for where, point in _points(camp):
+    for where, point in _points(camp, source):
         cell, why = _resolve(camp, cluster, point, source, where)
         cells.setdefault(cell.cell_id, cell)
         if why:

@@ -1,13 +1,17 @@
 """Render job scripts (sbatch) from the templates in ``include/templates``.
 
 Rendering is separate from submitting: a dry run writes the scripts and stops. Every
-free-text value goes through the ``q`` filter (shlex.quote); names were already checked
-against a safe alphabet by the campaign models.
+free-text value goes through the ``q`` filter (shlex.quote), comments included; every
+``#SBATCH`` value through ``word`` (a plain word or an error); names were already checked
+against the one safe-name pattern (:data:`charllm.shell.NAME_RE`) by the campaign models.
+Whatever slips past those, the environment's ``finalize`` refuses: no rendered value may hold
+a control character (a newline would end a comment or an ``#SBATCH`` line and start a command).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,21 +19,50 @@ from typing import Any
 import jinja2
 
 from charllm.backends.base import JobIdentity, JobSpec, parse_time_limit
-from charllm.campaign import Cell, ClusterProfile, cell_refusals
+from charllm.campaign import Cell, ClusterProfile, cell_refusals, path_under
 from charllm.errors import ConfigError
 from charllm.paths import include_dir
-from charllm.shell import q
+from charllm.shell import CONTROL_RE, q
+
+# an #SBATCH value: one plain word (names, counts, time limits, gres, memory)
+_WORD_RE = re.compile(r"\A[A-Za-z0-9_.:,+=@%/\-]{1,256}\Z")
+
+
+@jinja2.pass_context
+def _finalize(ctx: jinja2.runtime.Context, value: Any) -> Any:
+    """Every ``{{ ... }}`` of every template passes here: a control character is refused, not written."""
+    text = value if isinstance(value, str) else str(value)
+    bad = CONTROL_RE.search(text)
+    if bad:
+        raise ConfigError(
+            f"template {ctx.name}",
+            "rendered value",
+            f"{text[:120]!r} holds control character {bad.group()!r}: refused (it could end a comment or an "
+            "#SBATCH line and start a command)",
+        )
+    return value
+
+
+def word(value: object) -> str:
+    """An ``#SBATCH`` directive value: a plain word, or ConfigError (never quoted: sbatch reads it raw)."""
+    text = str(value)
+    if not _WORD_RE.match(text):
+        raise ConfigError("job script", "#SBATCH", f"{text[:120]!r} is not a plain word for an #SBATCH line")
+    return text
 
 
 def templates() -> jinja2.Environment:
-    """The job-script templates of ``include/templates``; ``| q`` quotes a value for the shell."""
+    """The job-script templates of ``include/templates``; ``| q`` quotes a value for the shell, ``| word``
+    checks an ``#SBATCH`` value; no rendered value may hold a control character (``finalize``)."""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(include_dir() / "templates")),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,
+        finalize=_finalize,
     )
     env.filters["q"] = q
+    env.filters["word"] = word
     return env
 
 
@@ -55,7 +88,11 @@ def dataset_dir_word(dataset: dict[str, Any], data_home: Path | None = None) -> 
     """
     base = str(dataset.get("path") or "charllm-data")
     key = str(dataset["key"])
+    if not re.fullmatch(r"[0-9a-f]{16}", key) or ".." in base.split("/"):
+        raise ConfigError("dataset", "path", f"{base!r}/{key!r}: not a data root and a dataset key")
     if data_home is not None and not base.startswith("/"):
+        if not base.startswith("~"):
+            path_under(data_home, base)  # relative: under the results home, proven
         base = str(Path(base).expanduser()) if base.startswith("~") else str(data_home / base)
         if not base.startswith("/"):
             base = str(Path(base).absolute())
@@ -120,8 +157,15 @@ def job_spec(
     )
 
 
-def write_dry_run(spec: JobSpec, dest: Path) -> Path:
-    """Write a job's script and files into ``dest`` (dry run); returns the script path."""
+def write_dry_run(spec: JobSpec, dest: Path, root: Path | None = None) -> Path:
+    """Write a job's script and files into ``dest`` (dry run); returns the script path.
+
+    Every file is proven to land inside ``dest``, and ``dest`` inside ``root`` when given.
+    """
+    if root is not None and not dest.resolve().is_relative_to(root.resolve()):
+        raise ConfigError(str(root), str(dest), f"the dry-run folder {dest} leaves its root {root}")
+    for name in ("job.sbatch", *spec.files):
+        path_under(dest, name)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "job.sbatch").write_text(spec.script)
     for name, text in spec.files.items():
