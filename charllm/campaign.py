@@ -1018,6 +1018,71 @@ def discover(directory: Path) -> list[Path]:
     return sorted(p for p in directory.glob("*.yaml") if not p.name.startswith("_"))
 
 
+_NAMES: dict[Path, tuple[tuple[int, int], str | None]] = {}
+
+
+def campaign_name_of(path: Path) -> str | None:
+    """The ``name`` of a campaign file (None where it cannot be read); cached by mtime and size."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    stamp = (st.st_mtime_ns, st.st_size)
+    hit = _NAMES.get(path)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    try:
+        name = read_yaml(path).get("name")
+    except ConfigError:
+        name = None
+    name = name if is_safe_name(name) else None
+    _NAMES[path] = (stamp, name)
+    return name
+
+
+def _same_dag(a: str, b: str) -> bool:
+    """Whether campaigns named ``a`` and ``b`` claim a DAG id in common (``charllm_<name>[_figures]``)."""
+    return a == b or a == f"{b}_figures" or b == f"{a}_figures"
+
+
+def name_clashes(path: Path, name: str) -> list[tuple[Path, str]]:
+    """The other campaign files in ``path``'s folder whose name claims one of this campaign's DAG ids."""
+    me = path.resolve()
+    out = []
+    for other in discover(path.parent):
+        if other.resolve() == me:
+            continue
+        theirs = campaign_name_of(other)
+        if theirs is not None and _same_dag(name, theirs):
+            out.append((other, theirs))
+    return out
+
+
+def check_unique_name(path: str | Path, name: str) -> None:
+    """ConfigError naming both files when another campaign file in the folder claims this one's DAG ids.
+
+    Airflow keeps one DAG per id: without this, the second file silently takes over the first
+    one's DAG. Both files' DAGs fail to import instead, each naming the other.
+    """
+    path = Path(path)
+    clashes = name_clashes(path, name)
+    if not clashes:
+        return
+    other, theirs = clashes[0]
+    what = (
+        f"campaign name {name!r} is also used by {other}"
+        if theirs == name
+        else f"campaign name {name!r} and {other}'s name {theirs!r} both claim the DAG id "
+        f"charllm_{max(name, theirs, key=len)}"
+    )
+    more = f" (and {len(clashes) - 1} more: {', '.join(str(p) for p, _ in clashes[1:])})" if len(clashes) > 1 else ""
+    raise ConfigError(
+        str(path),
+        "name",
+        f"{what}{more}: Airflow would keep only one of their DAGs; give each campaign its own name",
+    )
+
+
 def dedupe(campaigns: Sequence[LoadedCampaign]) -> dict[str, list[str]]:
     """Cell id -> campaigns that contain it."""
     owners: dict[str, list[str]] = {}

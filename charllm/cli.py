@@ -1,6 +1,6 @@
 """The command-line twin of the campaign DAGs, for people who script around Airflow.
 
-charllm validate [FILE...]        check campaign files (all of include/campaigns by default), list refused cells
+charllm validate [FILE|DIR...]    check campaign files (all of include/campaigns by default), list refused cells
 charllm plan FILE [--cells GLOB]   cells, hashes, whether each can run, which are done, estimated GPU-hours
 charllm render FILE DEST           write the sbatch scripts without submitting
 charllm run FILE [--cells GLOB]    run cells now through the campaign's backend (no Airflow)
@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from charllm.campaign import dedupe, discover, load_campaign
+from charllm.campaign import check_unique_name, dedupe, discover, load_campaign, path_under
 from charllm.errors import CharllmError, ConfigError
 from charllm.paths import campaigns_dir
 
@@ -25,16 +25,44 @@ def _progress(i: int, n: int, what: str) -> None:
     print(f"[{i}/{n}] {what}", flush=True)
 
 
+def _validate_targets(files: list[str]) -> tuple[list[Path], list[str]]:
+    """The campaign files named (a folder stands for its campaign files), and errors for what is not there."""
+    if not files:
+        return discover(campaigns_dir()), []
+    paths: list[Path] = []
+    errors: list[str] = []
+    for f in files:
+        p = Path(f)
+        if p.is_dir():
+            found = discover(p)
+            if not found:
+                errors.append(f"{p}: (folder): no campaign files (*.yaml) in it")
+            paths.extend(found)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            errors.append(f"{p}: (file): no such file")
+    return paths, errors
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
-    paths = [Path(p) for p in args.files] or discover(campaigns_dir())
-    bad = refused = 0
+    """Check every file named (all of include/campaigns by default) and report each: never stops at the first."""
+    paths, missing = _validate_targets(args.files)
+    for line in missing:
+        print(f"ERROR {line}")
+    bad, refused = len(missing), 0
     loaded = []
     for p in paths:
         try:
             lc = load_campaign(p, check=False)
+            check_unique_name(p, lc.name)
         except ConfigError as err:
             bad += 1
             print(f"ERROR {err}")
+            continue
+        except Exception as err:  # a bug, not the file's fault: still report every other file
+            bad += 1
+            print(f"ERROR {p}: (file): unexpected {type(err).__name__} while checking it: {err}")
             continue
         loaded.append(lc)
         if lc.refused:
@@ -46,6 +74,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                     print(f"      {c.name}: {r}")
         else:
             print(f"ok    {p}: {len(lc.cells)} cells on {lc.cluster.name}, all runnable")
+    if bad:
+        print(f"{bad} of {len(paths) + len(missing)} file(s) with errors")
     if loaded:
         owners = dedupe(loaded)
         shared = sum(1 for v in owners.values() if len(v) > 1)
@@ -90,8 +120,9 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     runner = CampaignRunner.from_file(args.file)
     cells = runner.lc.select(args.cells)
+    dest = Path(args.dest)
     for i, c in enumerate(cells, 1):
-        p = runner.render(c.cell_id, 0, Path(args.dest) / c.name)
+        p = runner.render(c.cell_id, 0, path_under(dest, c.name))  # a cell's folder stays under DEST
         _progress(i, len(cells), str(p))
     return 0
 
