@@ -26,7 +26,7 @@ from typing import Any
 from airflow.sdk import DAG, Asset, AssetAlias, Param, TriggerRule, get_current_context, task, task_group
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from charllm.campaign import load_campaign
+from charllm.campaign import check_unique_name, load_campaign
 from charllm.errors import CharllmError
 from charllm.orchestrate.operators import CellJobSensor, EnvironmentJobSensor, collect_cell, runner_for, submit_cell
 from charllm.orchestrate.pools import pool_for
@@ -97,6 +97,7 @@ def campaign_dag(campaign_file: str | Path) -> DAG:
     """The DAG of one campaign file (``include/campaigns/<file>`` if relative)."""
     path = _resolve(campaign_file)
     lc = load_campaign(path)
+    check_unique_name(path, lc.name)  # two files, one name: both DAGs fail, each naming the other file
     camp = lc.campaign
     src = str(path)
     doc = (
