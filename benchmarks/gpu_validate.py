@@ -563,25 +563,63 @@ def sec_multi(args: argparse.Namespace) -> None:
         SUMMARY.append((f"NCCL {c['name']}", f"rc {rc}", "ok", verdict(ok)))
 
 
+# the megatron section's variants: name -> (model, layers, mb, gb, seq, opt fields). The seed's codes:
+# 00000 = nothing, 10000 = "cc" overlap, 01000 = full recompute (docs/optimisation-codes.md)
+MEGATRON_VARIANTS: dict[str, tuple[str, int | None, int, int, int, dict]] = {
+    "meg-1.3b-00000": ("gpt3-1.3b", None, 8, 32, 2048, {}),
+    "meg-1.3b-10000-cc": ("gpt3-1.3b", None, 8, 32, 2048, {"overlap": True}),
+    "meg-1.3b-01000-full-recompute": ("gpt3-1.3b", None, 8, 32, 2048, {"recompute": True}),
+    "meg-1.3b-selective-recompute": (
+        "gpt3-1.3b", None, 8, 32, 2048, {"recompute": True, "recompute_granularity": "selective"}),
+    "meg-mixtral-8x7b-L2-ep1": ("mixtral-8x7b", 2, 1, 8, 4096, {}),
+}  # fmt: skip
+MEGATRON_MFU_TARGET = 0.50  # the 1.3B cell, plain (00000) and with overlap (10000)
+
+
 def sec_megatron(args: argparse.Namespace) -> None:
-    """The megatron-core engine (GPTModel, local layer spec, SDPA core attention) on one GPU."""
+    """The megatron-core engine on one GPU: bf16 params + distributed optimizer, overlap, recompute, MoE proxy.
+
+    Each variant runs through ``python -m charllm.train`` (Megatron's GPTModel, DDP with the
+    distributed optimizer, the no-pipelining schedule; local layer spec with SDPA attention
+    where Transformer Engine is absent). One summary row per variant with its MFU (and HFU
+    with recompute); the 1.3B variants without recompute are held to MFU >= 0.50.
+    """
     try:
         import megatron.core  # noqa: F401
     except ImportError as e:
         log(f"== megatron: skipped, megatron-core not importable ({e})")
         SUMMARY.append(("megatron engine", "not installed", "", "n/a"))
         return
-    log("== megatron: GPT-3 1.3B mb 8 gb 32 bf16 (eager: the engine refuses compile) through python -m charllm.train")
-    w = {"min_steps": 4, "max_steps": 10, "step_time_cv": 0.02, "temp_slope_c_per_s": 1.0, "temp_window_s": 5.0}
-    runs = [
-        cell("gpt3-1.3b", mb=8, gb=32, seq=2048, steps=6, compile_=False, engine="megatron",
-             gpu_type=args.gpu_type, name="megatron-gpt3-1.3b", warmup=w),
-        cell("gpt3-1.3b", mb=8, gb=32, seq=2048, steps=6, compile_=False, recompute=True, engine="megatron",
-             gpu_type=args.gpu_type, name="megatron-gpt3-1.3b-recompute", warmup=w),
-        cell("gpt3-1.3b", mb=8, gb=32, seq=2048, steps=6, compile_=False, gpu_type=args.gpu_type,
-             name="torch-eager-gpt3-1.3b", warmup=w),
-    ]  # fmt: skip
-    _smoke(args, runs, timeout_s=200, label="megatron section:")
+    names = [n for n in args.megatron_variants.split(",") if n]
+    log(f"== megatron: {names} through python -m charllm.train (one GPU, bf16)")
+    w = {"min_steps": 3, "max_steps": 8, "step_time_cv": 0.02, "temp_slope_c_per_s": 1.0, "temp_window_s": 5.0}
+    for name in names:
+        if args.deadline_s - (time.time() - T_START) < 80:
+            log(f"  {name}: skipped (time)")
+            SUMMARY.append((f"megatron {name}", "skipped (time)", "", "n/a"))
+            continue
+        model, layers, mb, gb, seq, opt = MEGATRON_VARIANTS[name]
+        opt = dict(opt)
+        recompute = bool(opt.pop("recompute", False))
+        c = cell(model, layers=layers, mb=mb, gb=gb, seq=seq, steps=6, compile_=False, recompute=recompute,
+                 overlap=bool(opt.pop("overlap", False)), engine="megatron", gpu_type=args.gpu_type, name=name,
+                 warmup=w, opt_extra=opt)  # fmt: skip
+        rc, res, text = run_job(c, args.work / name, timeout_s=300)
+        ok = res is not None and res["outcome"] == "ok"
+        if not ok:
+            log(text[-3000:])
+            SUMMARY.append((f"megatron {name}", f"rc {rc}, {res and res['outcome']}", "ok", "FAIL"))
+            continue
+        m, eng = res["metrics"], res["provenance"]["engine"]
+        mfu, hfu = m.get("mfu", 0.0), m.get("hfu")
+        log(f"  {name}: step {m['step_time_median_s']:.4f} s, {m['tokens_per_s']:,.0f} tok/s, mfu {mfu:.4f}, "
+            f"hfu {hfu}, loss {m['loss_first']:.3f} -> {m['loss_last']:.3f}, {m.get('avg_power_w', 0):.0f} W, "
+            f"mem {m.get('max_memory_allocated_bytes', 0) / 2**30:.1f} GiB")  # fmt: skip
+        log(f"    engine: {json.dumps(eng)}")
+        gated = name.startswith("meg-1.3b-") and not recompute
+        value = f"mfu {mfu:.4f}" + (f" hfu {hfu:.4f}" if recompute and hfu else "")
+        target = f">= {MEGATRON_MFU_TARGET}" if gated else "runs"
+        SUMMARY.append((f"megatron {name}", value, target, verdict(mfu >= MEGATRON_MFU_TARGET if gated else True)))
 
 
 SECTIONS = {"ref": sec_ref, "overhead": sec_overhead, "replay": sec_replay, "oom": sec_oom, "modes": sec_modes,
@@ -597,7 +635,7 @@ MIN_S = {
     "modes": 90,
     "variants": 70,
     "attn": 20,
-    "megatron": 120,
+    "megatron": 100,
     "scale": 150,
     "scale_ablate": 150,
 }
@@ -608,6 +646,8 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--sections", default="ref,overhead,replay,oom,modes")
     ap.add_argument("--deadline-s", type=float, default=560.0)
+    ap.add_argument("--megatron-variants", default=",".join(MEGATRON_VARIANTS),
+                    help="comma list of MEGATRON_VARIANTS names for the megatron section")  # fmt: skip
     ap.add_argument("--variants", dest="variant_names", default="var-compile,var-compile-fsdp1,var-compile-noloss,"
                     "var-max-autotune", help="comma list of VARIANTS names for the variants section")  # fmt: skip
     args = ap.parse_args()

@@ -105,6 +105,29 @@ def test_bf16_moe_rope_in_process() -> None:
     assert all(q.dtype == torch.bfloat16 for q in eng.chunks[0].parameters())
 
 
+def test_moe_dispatch_keeps_positions_causal() -> None:
+    """Changing tokens from position 40 on leaves the losses before 40 unchanged (router, all-to-all, SDPA)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from charllm.train.engine_megatron import build
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        eng = build(CellSpec.from_dict(_cell(model=TINY_MOE)), DistEnv(0, 1, 0, "single"), CPU)
+        x, y = eng.data.micro_batch(0)
+        x2 = x.clone()
+        x2[:, 40:] = (x2[:, 40:] + 7) % 512
+        with eng._device_ctx(), torch.no_grad():
+            a = eng.chunks[0](x, eng.position_ids, None, labels=y)
+            b = eng.chunks[0](x2, eng.position_ids, None, labels=y)
+        assert torch.equal(a[:, :40], b[:, :40])
+        assert not torch.allclose(a[:, 40:], b[:, 40:])
+    finally:
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
 def test_layer_spec_selection_without_transformer_engine() -> None:
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
