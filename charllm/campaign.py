@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import json
 import math
+import operator
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -606,6 +607,9 @@ def _loc(err: Any) -> str:
     loc = list(err["loc"])
     if err.get("type") == "field_error":
         loc.append(err["ctx"]["field"])
+    if err.get("type") == "extra_forbidden" and loc and isinstance(loc[-1], str):
+        key = loc.pop()  # the unknown key, as the file spells it
+        return (_loc({**err, "loc": tuple(loc), "type": ""}) + f".{key}").removeprefix("(top level).")
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
@@ -798,25 +802,31 @@ def _norm(axis: str, value: Any) -> Any:
 
 
 class _Excluder:
-    """``exclude`` entries grouped by the axes they name: one set lookup per group and point."""
+    """``exclude`` entries grouped by the axes they name: per point, one C-level key build and set lookup
+    per group (1,000 entries with distinct axis sets against 10,000 points: about a second)."""
 
     def __init__(self, excludes: Sequence[Point]) -> None:
-        self.groups: dict[tuple[str, ...], set[tuple[Any, ...]]] = {}
+        groups: dict[tuple[str, ...], set[Any]] = {}
         for ex in excludes:
-            ax = ex.axes()
-            if "model" in ax and ax["model"].proxy_layers is None:  # {model: name}: any proxy of it
-                ax["model_name"] = ax.pop("model").name
+            ax = {axis: _norm(axis, value) for axis, value in ex.axes().items()}
+            if "model" in ax and ex.model is not None and ex.model.proxy_layers is None:
+                ax["model_name"] = ax.pop("model")[0]  # {model: name}: that model and any proxy of it
             keys = tuple(sorted(ax))
-            self.groups.setdefault(keys, set()).add(tuple(self._get(ax, k) for k in keys))
+            groups.setdefault(keys, set()).add(operator.itemgetter(*keys)(ax))
+        self.groups = [(operator.itemgetter(*keys), vals) for keys, vals in groups.items()]
 
     @staticmethod
-    def _get(point: dict[str, Any], key: str) -> Any:
-        if key == "model_name":
-            return point["model_name"] if "model_name" in point else point["model"].name
-        return _norm(key, point.get(key))
+    def normalized(point: dict[str, Any]) -> dict[str, Any]:
+        out = {axis: _norm(axis, point.get(axis)) for axis in AXES}
+        model = point.get("model")
+        out["model_name"] = model.name if isinstance(model, ModelRef) else None
+        return out
 
     def excludes(self, point: dict[str, Any]) -> bool:
-        return any(tuple(self._get(point, k) for k in keys) in vals for keys, vals in self.groups.items())
+        if not self.groups:
+            return False
+        norm = self.normalized(point)
+        return any(get(norm) in vals for get, vals in self.groups)
 
 
 def _matches(point: dict[str, Any], pattern: Point) -> bool:

@@ -294,6 +294,21 @@ def check_output(out: Path, expect: dict[str, Any]) -> dict[str, Any] | None:
     return manifest
 
 
+def _check_replaceable(out: Path) -> None:
+    """``out`` is replaced as a whole: refuse a filesystem root, a file, or a folder that is not a dataset."""
+    if out.parent == out:
+        raise DataPrepError(f"refusing to write a dataset at {out}: give a folder below it")
+    if out.is_symlink() or not out.exists():
+        return
+    if not out.is_dir():
+        raise DataPrepError(f"{out} exists and is not a folder: refusing to replace it with a dataset")
+    names = {p.name for p in out.iterdir()}
+    if names and not names & {MANIFEST, f"{PREFIX}.bin", f"{PREFIX}.idx"}:
+        raise DataPrepError(
+            f"{out} holds files that are not a charllm dataset ({', '.join(sorted(names)[:5])}): refusing to replace it"
+        )
+
+
 def prepare(corpus: Sequence[str], out: str | Path, tokenizer_name: str = "bytes") -> PrepResult:
     """Build (or find up to date) the indexed dataset of ``corpus`` in directory ``out``."""
     out = Path(out).expanduser().absolute()
@@ -307,6 +322,7 @@ def prepare(corpus: Sequence[str], out: str | Path, tokenizer_name: str = "bytes
     found = check_output(out, expect)
     if found is not None:
         return PrepResult(out, False, found)
+    _check_replaceable(out)
 
     seqs: list[np.ndarray] = []
     for src, raw, _ in inputs:

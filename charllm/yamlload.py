@@ -47,6 +47,11 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
+def _short(path: str) -> str:
+    """A field path for a message: a very deep one is cut in the middle."""
+    return path if len(path) <= 120 else f"{path[:56]}...{path[-56:]}"
+
+
 class _Frame:
     __slots__ = ("anchor", "count", "is_map", "key", "key_line", "keys", "path", "start_nodes")
 
@@ -151,7 +156,9 @@ def check_events(text: str, source: str) -> None:
                 continue
             # a collection starts
             if len(stack) >= MAX_DEPTH:
-                raise ConfigError(source, where or _where(ev.start_mark), f"nested deeper than {MAX_DEPTH} levels")
+                raise ConfigError(
+                    source, _short(where) or _where(ev.start_mark), f"nested deeper than {MAX_DEPTH} levels"
+                )
             frame = _Frame(isinstance(ev, yaml.MappingStartEvent), where, ev.anchor, nodes - 1)
             if ev.anchor is not None:
                 open_anchors.add(ev.anchor)
