@@ -1,20 +1,81 @@
 """`make demo`: run the demo campaign through Airflow (``airflow dags test``) and report.
 
 Expects the environment of ``scripts/airflow-env.sh`` (SQLite metadata, the repo's
-dags/ folder). Prints where the results table and figures are, and how to open the UI.
+dags/ folder). Runs the campaign, then one more run the way a nightly one re-measures (new
+repeats of the campaign's ``nightly`` cells, for the drift chart), draws the figures, puts
+the recorded GPU campaign of ``docs/gpu/small-campaign`` beside it (its tables and figures,
+labelled as recorded data) and prints where everything is and how to open the UI.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import IO
 
 from charllm.orchestrate.factory import dag_id_for
 from charllm.paths import home
 
 CAMPAIGN = "demo"
+REPO = Path(__file__).resolve().parent.parent
+RECORDED = REPO / "docs" / "gpu" / "small-campaign"
+RECORDED_RUN = "recorded-h100-2026-11-22"
+RECORDED_NOTE = (
+    "Recorded GPU data: 1x NVIDIA H100 80GB HBM3 (a lent machine), 2026-11-22, from docs/gpu/small-campaign; "
+    "not measured by this installation"
+)
+RECORDED_TABLES = ("cells", "steps", "gpus", "kernels")
+
+
+def seed_recorded(root: Path | None = None) -> Path | None:
+    """The recorded GPU campaign, ready to look at: its tables (unless this installation has
+    tables of that campaign already) and its figures drawn from them, labelled as recorded.
+
+    Returns the figures folder (``figures/<campaign>/recorded-h100-2026-11-22/``), or None when
+    the repository's ``docs/`` is not there (an installed package).
+    """
+    import pandas as pd
+
+    from charllm.analysis.figures import draw_all
+
+    src = RECORDED / "tables"
+    if not (src / "cells.parquet").is_file():
+        return None
+    root = root or home()
+    cells = pd.read_parquet(src / "cells.parquet")
+    name = str(cells["campaign"].iloc[0])
+    tdir = root / "tables" / name
+    if not (tdir / "cells.parquet").exists():
+        tdir.mkdir(parents=True, exist_ok=True)
+        for t in RECORDED_TABLES:
+            if (src / f"{t}.parquet").is_file():
+                shutil.copy2(src / f"{t}.parquet", tdir / f"{t}.parquet")
+    out = root / "figures" / name / RECORDED_RUN
+    if not (out / "report.md").exists():
+        steps = pd.read_parquet(src / "steps.parquet")
+        draw_all(cells, steps, out, name, tables_dir=src, note=RECORDED_NOTE)
+    return out
+
+
+def _airflow(args: list[str], log: IO[str]) -> int:
+    log.write(f"\n$ airflow {' '.join(args)}\n")
+    log.flush()
+    return subprocess.run(["airflow", *args], stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
+
+
+def _nightly_conf(campaign: str) -> dict[str, object] | None:
+    """What a scheduled run of the campaign would run, as a manual run's conf (None: no schedule)."""
+    from charllm.ui.data import campaign_info
+
+    info = campaign_info(campaign)
+    if not info.schedule:
+        return None
+    return {"cells": info.nightly_cells, "repeats": info.nightly_repeats, "append": True}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,25 +87,27 @@ def main(argv: list[str] | None = None) -> int:
     log_path = log_dir / f"{dag_id}-{time.strftime('%Y%m%dT%H%M%S')}.log"
     print(f"charllm demo: running DAG {dag_id} through Airflow (log: {log_path})", flush=True)
     t0 = time.monotonic()
+    nightly = _nightly_conf(campaign)
     with log_path.open("w") as log:
-        proc = subprocess.run(
-            ["airflow", "dags", "test", dag_id], stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()
-        )
-        if proc.returncode == 0:
+        rc = _airflow(["dags", "test", dag_id], log)
+        if rc == 0 and nightly:
+            # what a nightly (scheduled) run does: new repeats of the nightly cells, for the drift chart
+            print(
+                f"charllm demo: a nightly-style run: {nightly['repeats']} new repeat(s) of {nightly['cells']}",
+                flush=True,
+            )
+            rc = _airflow(["dags", "test", dag_id, "--conf", json.dumps(nightly)], log)
+        if rc == 0:
             # what the scheduler runs on `aggregate`'s tables Asset event: the figures DAG
             print(f"charllm demo: drawing the figures (DAG {dag_id}_figures)", flush=True)
-            proc = subprocess.run(
-                ["airflow", "dags", "test", f"{dag_id}_figures"],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=os.environ.copy(),
-            )
+            rc = _airflow(["dags", "test", f"{dag_id}_figures"], log)
     wall = time.monotonic() - t0
     text = log_path.read_text(errors="replace")
-    if proc.returncode != 0:
+    if rc != 0:
         print(text[-6000:])
-        print(f"charllm demo: airflow dags test failed (exit {proc.returncode}); full log in {log_path}")
-        return proc.returncode
+        print(f"charllm demo: airflow dags test failed (exit {rc}); full log in {log_path}")
+        return rc
+    recorded = seed_recorded()
     import pandas as pd
 
     tables = home() / "tables" / campaign
@@ -58,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     print(cells[cols].to_string(index=False))
     runs = sorted((home() / "figures" / campaign).glob("*/report.md"), key=lambda p: p.stat().st_mtime)
     print()
-    print(f"charllm demo: both DAG runs succeeded in {wall:.0f} s")
+    print(f"charllm demo: the DAG runs succeeded in {wall:.0f} s")
     print(f"results table : {tables / 'cells.parquet'}  (steps: {tables / 'steps.parquet'})")
     print(f"results store : {home() / 'results' / 'cells'}   catalog: {home() / 'catalog.db'}")
     if runs:
@@ -66,8 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         names = ", ".join(sorted(p.stem for p in folder.glob("*.png")))
         print(f"figures       : {folder}/ ({names}; each .png + .pdf + .csv)")
         print(f"report        : {runs[-1]}")
-    print("the UI         : make ui   then open http://localhost:8080 (user/password printed by `airflow standalone`),")
-    print(f"                 find DAG {dag_id}, press Trigger and fill in the form")
+    if recorded is not None:
+        print(f"GPU example   : {recorded}/ (figures of a recorded run on an H100, labelled as such)")
+    print("the UI         : make ui   then open http://localhost:8080 (user/password printed by `airflow standalone`);")
+    print(f"                 'Campaigns' in the navigation, or DAG {dag_id} -> tab 'Campaign': the matrix of cells x")
+    print("                 repeats, the figures and the reference checks; Trigger runs the campaign (a form)")
     return 0
 
 
