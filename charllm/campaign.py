@@ -85,6 +85,18 @@ def _safe_name(value: str) -> str:
 # every name that reaches a file path, a job name or a script: one full-match pattern (charllm.shell)
 SafeName = Annotated[str, Strict(), AfterValidator(_safe_name)]
 
+
+def _no_control(value: str) -> str:
+    if has_control(value):
+        raise ValueError(f"{value[:80]!r} holds a control character (newline, tab, ...)")
+    return value
+
+
+#: free text that may reach a job script (quoted there) or a log line: no control characters
+Text = Annotated[str, Strict(), AfterValidator(_no_control)]
+#: a glob over cell names
+Glob = Annotated[str, Strict(), Field(min_length=1, max_length=1024), AfterValidator(_no_control)]
+
 _NUMBER_RE = re.compile(r"\A[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\Z")
 
 
@@ -140,7 +152,7 @@ class ClusterProfile(_Strict):
     bootstrap_python: str = Field("python3", pattern=r"^[A-Za-z0-9_./\-]+$")
     workdir: str | None = Field(None, pattern=r"^[A-Za-z0-9_./~\-]+$")
     # extra environment for every job (values are quoted when rendered)
-    env: dict[SafeName, Annotated[str, Strict(), Field(max_length=4096)]] = Field(default_factory=dict)
+    env: dict[SafeName, Annotated[Text, Field(max_length=4096)]] = Field(default_factory=dict)
     modules: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_./+\-]+$")]] = Field(default_factory=list)
 
     @field_validator("env")
@@ -284,8 +296,8 @@ class ReferenceBand(_Strict):
     value: Number
     lower: Number
     upper: Number
-    unit: Annotated[str, Strict(), Field(max_length=64)] = ""
-    cells: Annotated[str, Strict(), Field(min_length=1, max_length=1024)] = "*"  # glob over cell names
+    unit: Annotated[Text, Field(max_length=64)] = ""
+    cells: Glob = "*"  # glob over cell names
 
 
 AXES = (
@@ -405,14 +417,14 @@ class Point(_Strict):
 class Nightly(_Strict):
     """What a scheduled run re-measures: the cells matching ``cells``, ``repeats`` new repeats each."""
 
-    cells: Annotated[str, Strict()] = Field("*", min_length=1, max_length=1024)
+    cells: Glob = "*"
     repeats: Int = Field(1, ge=1, le=100)
 
 
 class TimeLimitRule(_Strict):
     """A longer (or shorter) Slurm time limit for the cells whose name matches a glob."""
 
-    cells: str = Field(min_length=1, max_length=256)
+    cells: Glob
     time_limit: str = Field(pattern=_TIME_RE)
 
 
@@ -599,6 +611,7 @@ def cell_hash(resolved: dict[str, Any]) -> str:
 _FIELD_PART = re.compile(r"\A[a-z_][a-z0-9_]*\Z")
 # pydantic names the member of a union (or the validator) that failed inside the loc: not a field
 _TYPE_TAGS = {"int", "bool", "str", "float", "list", "dict", "none", "constrained-int", "constrained-str"}
+_DICT_FIELDS = {"env"}  # mapping fields whose keys the file chooses
 
 
 def _loc(err: Any) -> str:
@@ -610,11 +623,17 @@ def _loc(err: Any) -> str:
     if err.get("type") == "extra_forbidden" and loc and isinstance(loc[-1], str):
         key = loc.pop()  # the unknown key, as the file spells it
         return (_loc({**err, "loc": tuple(loc), "type": ""}) + f".{key}").removeprefix("(top level).")
+    prev = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
+        elif isinstance(part, str) and prev in _DICT_FIELDS:
+            out += f".{part}"  # a key of a mapping field (env: {NAME: value})
         elif isinstance(part, str) and _FIELD_PART.match(part) and part not in _TYPE_TAGS:
             out += f".{part}" if out else part
+        else:
+            continue
+        prev = part if isinstance(part, str) and prev not in _DICT_FIELDS else ""
     return out or "(top level)"
 
 

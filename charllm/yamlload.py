@@ -189,8 +189,8 @@ def loads(text: str, source: str) -> Any:
         return loader.get_single_data()
     except yaml.YAMLError as err:
         raise _syntax(source, err, text) from None
-    except (ValueError, TypeError, OverflowError) as err:  # e.g. an unhashable key, a bad timestamp
-        raise ConfigError(source, "(yaml)", f"cannot build the document: {err}") from None
+    except Exception as err:  # PyYAML's constructors on odd input: a bad date, a 10,000-digit int, ...
+        raise ConfigError(source, "(yaml)", f"cannot build the document: {type(err).__name__}: {err}") from None
     finally:
         loader.dispose()
 

@@ -269,6 +269,43 @@ def test_untyped_values_are_errors_naming_file_and_field(include_tmp, kind):
     assert re.search(words, err.message), str(err)
 
 
+TEXT_FIELDS = {
+    "env_value": ('cluster: {name: c, gpus_per_node: 2, env: {V: "a\\nb"}}\n', "cluster.env.V"),
+    "env_key": ('cluster: {name: c, gpus_per_node: 2, env: {"A-B": "x"}}\n', "cluster.env"),
+    "time_limit_glob": ('time_limits: [{cells: "a\\nb", time_limit: "01:00:00"}]\n', "time_limits[0].cells"),
+    "nightly_glob": ('nightly: {cells: "\\t"}\n', "nightly.cells"),
+    "reference_glob": (
+        'references: [{metric: m, value: 1, lower: 0, upper: 2, cells: "x\\r"}]\n',
+        "references[0].cells",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(TEXT_FIELDS))
+def test_text_that_reaches_a_script_or_a_log_has_no_control_characters(include_tmp, kind):
+    """Refused when the file is checked, not when a job script is rendered hours later."""
+    extra, field = TEXT_FIELDS[kind]
+    err = refused(write(include_tmp, _with(extra)))
+    assert err.field == field, str(err)
+
+
+@pytest.mark.parametrize(
+    ("value", "field", "words"),
+    [
+        ("!!python/object:os.system x", "line 9, column 14", "constructor"),
+        ("!custom x", "line 9, column 14", "constructor"),
+        ("!!timestamp nope", "(yaml)", "cannot build"),
+        ("2001-13-45", "(yaml)", "cannot build"),
+        ("9" * 10_000, "(yaml)", "cannot build"),
+        ("{[1, 2]: x}", "line 9", "unhashable"),
+    ],
+    ids=["python_object", "custom_tag", "bad_timestamp", "bad_date", "huge_int", "unhashable_key"],
+)
+def test_odd_yaml_is_an_error_not_a_traceback(include_tmp, value, field, words):
+    err = refused(write(include_tmp, GOOD + f"description: {value}\n"))
+    assert err.field.startswith(field) and words in err.message, str(err)
+
+
 def test_learning_rate_in_yaml_1_1_exponent_form_still_reads_as_a_number(include_tmp):
     lc = load_campaign(write(include_tmp, GOOD + "learning_rate: 3e-4\n"))
     assert lc.campaign.learning_rate == pytest.approx(3e-4)
