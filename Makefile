@@ -20,6 +20,7 @@ venv: $(STAMP)
 
 airflow-init: $(STAMP)
 	$(ENV) $(BIN)/airflow db migrate > $$AIRFLOW_HOME/db-migrate.log 2>&1 || (tail -50 $$AIRFLOW_HOME/db-migrate.log; exit 1)
+	$(ENV) $(BIN)/python -m charllm.orchestrate.pools >> $$AIRFLOW_HOME/db-migrate.log 2>&1 || (tail -20 $$AIRFLOW_HOME/db-migrate.log; exit 1)
 
 ## The main job: the demo campaign through Airflow on the local backend (SQLite metadata).
 demo: airflow-init

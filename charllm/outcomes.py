@@ -42,7 +42,10 @@ RESULT_OUTCOMES = frozenset({Outcome.OK, Outcome.OOM})
 # what a job's own result.json may say, and what a collected attempt may be recorded as
 ENDED_OUTCOMES = (Outcome.OK, Outcome.OOM, Outcome.FAILED, Outcome.TIMEOUT, Outcome.CANCELLED, Outcome.LOST)
 # which attempt of a cell repeat the tables show: the best, by this order (then the newest)
-PREFERENCE = {o: i for i, o in enumerate(ENDED_OUTCOMES)}
+PREFERENCE = {
+    o: i
+    for i, o in enumerate((Outcome.OK, Outcome.OOM, Outcome.TIMEOUT, Outcome.FAILED, Outcome.CANCELLED, Outcome.LOST))
+}
 
 
 class AttemptState(enum.StrEnum):

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import random
 import time
 import uuid
@@ -57,6 +56,7 @@ from charllm.errors import (
 from charllm.outcomes import Action, AttemptState, Outcome, SubmitKind
 from charllm.paths import home as default_home
 from charllm.render import job_spec, write_dry_run
+from charllm.settings import setting
 from charllm.store import commit_attempt, now_iso, read_result
 
 log = logging.getLogger(__name__)
@@ -69,18 +69,6 @@ DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_LEASE_S = 600.0
 # sbatch refusals for submit limits: first wait, doubling up to the cap, jittered
 SUBMIT_LIMIT_BACKOFF_S = (30.0, 600.0)
-
-
-def setting(name: str, cluster: Any, default: T, kind: Callable[[str], T]) -> T:
-    """``CHARLLM_<NAME>`` from the environment, else the cluster profile's ``name``, else ``default``."""
-    env = os.environ.get(f"CHARLLM_{name.upper()}")
-    if env not in (None, ""):
-        try:
-            return kind(env)  # type: ignore[arg-type]
-        except ValueError as err:
-            raise ConfigError(f"$CHARLLM_{name.upper()}", name, f"not a number: {env!r}") from err
-    value = getattr(cluster, name, None)
-    return kind(value) if value is not None else default
 
 
 # -- the one policy for terminal job states ------------------------------------------------
@@ -396,8 +384,20 @@ class CampaignRunner:
         return write_dry_run(job_spec(cell, self.lc.cluster_for(cell), ident, data_home=self.data_home), dest)
 
     def render_all(self, items: list[dict[str, Any]], dest: Path) -> list[Path]:
-        """Dry run of planned items: one folder per cell repeat under ``dest``."""
-        return [self.render(i["cell_id"], i["repeat"], dest / f"{i['name']}-r{i['repeat']}") for i in items]
+        """Dry run of planned items: one folder per cell repeat under ``dest``.
+
+        The template environment is built once for the whole batch (``charllm.render.templates``
+        builds, and so compiles ``job.sbatch.j2``, on every call: 30 ms a script, 5 minutes for
+        10,000 cells; once, it is ~2 ms a script).
+        """
+        import charllm.render as render_mod
+
+        build = render_mod.templates
+        render_mod.templates = functools.lru_cache(maxsize=1)(build)  # type: ignore[assignment]
+        try:
+            return [self.render(i["cell_id"], i["repeat"], dest / f"{i['name']}-r{i['repeat']}") for i in items]
+        finally:
+            render_mod.templates = build  # type: ignore[assignment]
 
     # -- environment and data (see charllm.envsetup) ------------------------------------
     def install(self) -> dict[str, Any]:
@@ -666,7 +666,7 @@ class CampaignRunner:
     def job_tail(self, handle: JobHandle, n_bytes: int = 3000) -> str:
         """The job's stdout and stderr tails for the log; best effort (one try: a log line is not worth a wait)."""
         try:
-            out, err = self.backend.tail(handle, n_bytes)
+            out, err = self.backend.tail(handle, n_bytes, tries=1)
         except TransportError as exc:
             return f"--- job {handle.job_id}: log tail not available ({exc}) ---"
         return f"--- job {handle.job_id} stdout (tail) ---\n{out}\n--- job {handle.job_id} stderr (tail) ---\n{err}"

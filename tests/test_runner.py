@@ -108,3 +108,84 @@ def test_ensure_submitted_reattaches_and_never_duplicates(charllm_home):
     runner.finish(h1, _wait(runner, h1.job_id))
     assert runner.plan("tiny-tp1pp1dp1-mb4-gb8-s64-00000") == []
     assert len(runner.plan("tiny-tp1pp1dp1-mb4-gb8-s64-00000", force=True)) == 1
+
+
+# -- the lifecycle's own rules ------------------------------------------------------------
+
+
+def test_attempt_budget_turns_lost_jobs_into_a_failed_cell():
+    from charllm.outcomes import Action
+
+    lost = JobStatus("1", JobState.NODE_FAIL, 0)
+    assert [judge(lost, used, 3).action for used in (1, 2, 3)] == [Action.RESUBMIT, Action.RESUBMIT, Action.FAILED]
+    assert judge(lost, 3, 3).outcome == "lost" and judge(lost, 3, 3).retryable
+
+
+def test_patience_waits_out_an_outage_and_gives_up_after_it(monkeypatch):
+    from charllm.errors import TransportError
+    from charllm.runner import Patience
+
+    now = [0.0]
+    slept: list[float] = []
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+
+    calls = []
+
+    def flaky() -> str:
+        calls.append(now[0])
+        if now[0] < 100:
+            raise TransportError("connection refused")
+        return "ok"
+
+    p = Patience(300, sleep=sleep, clock=lambda: now[0])
+    assert p.call(flaky, "polling") == "ok"
+    assert len(slept) >= 3 and max(slept) <= 75 and len(set(slept)) > 1  # bounded, jittered
+    with pytest.raises(TransportError, match="longer than the transport patience of 300 s"):
+        Patience(300, sleep=sleep, clock=lambda: now[0]).call(
+            lambda: (_ for _ in ()).throw(TransportError("down")), "collecting"
+        )
+    # a refusal that waiting cannot fix is raised at once
+    hard = TransportError("bad host key", retryable=False)
+    before = len(slept)
+    with pytest.raises(TransportError, match="bad host key"):
+        p.call(lambda: (_ for _ in ()).throw(hard), "x")
+    assert len(slept) == before
+
+
+def test_a_cell_in_flight_elsewhere_is_attached_to_never_submitted_again(charllm_home, monkeypatch):
+    """A second orchestrator (another owner) attaches to the first one's job; a fresh reservation it waits for."""
+    from charllm.outcomes import SubmitKind
+
+    dag = CampaignRunner.from_file(REPO / "include/campaigns/demo.yaml", catalog=Catalog(), owner="host:1:1")
+    cli = CampaignRunner.from_file(REPO / "include/campaigns/demo.yaml", catalog=Catalog(), owner="otherhost:2:2")
+    [item] = dag.plan("tiny-tp1pp1dp1-mb4-gb8-s64-00000")
+    first = dag.submit_or_reattach(item["cell_id"], 0, "dag-run")
+    assert first.kind is SubmitKind.SUBMITTED
+    second = cli.submit_or_reattach(item["cell_id"], 0, "cli-run")
+    assert second.kind is SubmitKind.ATTACHED and second.handle.job_id == first.handle.job_id
+    # a reservation still being submitted by a live owner elsewhere: wait, do not submit
+    [other] = dag.plan("tiny-tp1pp1dp1-mb2-gb8-s64-00000")
+    dag.catalog.reserve(other["cell_id"], 0, campaign="demo", backend="local", run_id="dag-run", owner="otherhost:3:3")
+    waiting = dag.submit_or_reattach(other["cell_id"], 0, "dag-run")
+    assert waiting.kind is SubmitKind.WAIT and "being submitted" in waiting.reason
+    # ... until its lease runs out: then it is taken over and submitted once
+    monkeypatch.setenv("CHARLLM_RESERVATION_LEASE_S", "0")
+    taken = dag.submit_or_reattach(other["cell_id"], 0, "dag-run")
+    assert taken.kind is SubmitKind.SUBMITTED and taken.handle.identity.attempt == 1
+    assert len(list((charllm_home / "work" / ".jobs").iterdir())) == 2
+    dag.backend.cancel(taken.handle.job_id)
+    dag.finish(first.handle, _wait(dag, first.handle.job_id))
+    done = cli.submit_or_reattach(item["cell_id"], 0, "cli-run")
+    assert done.kind is SubmitKind.DONE and done.result["outcome"] == "ok"
+
+
+def test_job_names_and_folders_carry_the_nonce():
+    i = JobIdentity("demo", "abc123", 0, 2, "d00df00d")
+    assert i.job_name == "charllm.demo.abc123.r0.a2-d00df00d" and i.relpath == "demo/abc123/r0/a2-d00df00d"
+    assert JobIdentity.from_job_name(i.job_name) == i
+    old = JobIdentity("demo", "abc123", 0, 2)  # jobs submitted before nonces existed keep their names
+    assert old.job_name == "charllm.demo.abc123.r0.a2" and JobIdentity.from_job_name(old.job_name) == old
+    assert "nonce" not in old.as_dict() and i.as_dict()["nonce"] == "d00df00d"

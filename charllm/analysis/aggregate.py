@@ -48,9 +48,10 @@ import pyarrow.parquet as pq
 
 from charllm.analysis import telemetry as tele
 from charllm.catalog import AttemptRow, Catalog
+from charllm.outcomes import PREFERENCE, Outcome
 from charllm.store import MANIFEST
 
-_PREFER = {"ok": 0, "oom": 1, "timeout": 2, "failed": 3, "cancelled": 4, "lost": 5}
+_PREFER: dict[str, int] = {str(o): i for o, i in PREFERENCE.items()}  # ok, oom, failed, timeout, cancelled, lost
 INDEX = "_aggregated.json"
 INDEX_VERSION = 2
 KEY = ["cell_id", "repeat", "attempt"]
@@ -175,7 +176,7 @@ def read_attempt(
     data = AttemptData(key, row)
     out = rdir / "out"
     steps_csv = out / "steps.csv"
-    if a.outcome != "ok" or not steps_csv.is_file():
+    if a.outcome != Outcome.OK or not steps_csv.is_file():
         return data
     steps = pd.read_csv(steps_csv)
     steps.insert(0, "attempt", a.attempt)

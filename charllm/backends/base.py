@@ -245,8 +245,8 @@ class Backend(ABC):
         """Copy the job's workdir (script, logs, ``out/``) into local ``dest``."""
 
     @abstractmethod
-    def tail(self, handle: JobHandle, n_bytes: int = 4000) -> tuple[str, str]:
-        """The last bytes of the job's stdout and stderr."""
+    def tail(self, handle: JobHandle, n_bytes: int = 4000, tries: int | None = None) -> tuple[str, str]:
+        """The last bytes of the job's stdout and stderr (``tries``: how hard to try to reach the cluster)."""
 
 
 def parse_time_limit(text: str) -> int:

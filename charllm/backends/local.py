@@ -187,7 +187,7 @@ class LocalBackend(Backend):
     def fetch(self, handle: JobHandle, dest: Path) -> None:
         shutil.copytree(handle.workdir, dest, dirs_exist_ok=True)
 
-    def tail(self, handle: JobHandle, n_bytes: int = 4000) -> tuple[str, str]:
+    def tail(self, handle: JobHandle, n_bytes: int = 4000, tries: int | None = None) -> tuple[str, str]:
         return tuple(_tail(Path(handle.workdir) / n, n_bytes) for n in (STDOUT_NAME, STDERR_NAME))  # type: ignore[return-value]
 
 

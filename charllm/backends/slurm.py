@@ -391,11 +391,11 @@ class SlurmBackend(Backend):
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
 
-    def tail(self, handle: JobHandle, n_bytes: int = 4000) -> tuple[str, str]:
+    def tail(self, handle: JobHandle, n_bytes: int = 4000, tries: int | None = None) -> tuple[str, str]:
         def read(name: str) -> str:
             path = posixpath.join(handle.workdir, name)
             try:
-                data = self._retry(lambda: self._read_remote(path, last_bytes=n_bytes), "tail")
+                data = self._retry(lambda: self._read_remote(path, last_bytes=n_bytes), "tail", tries)
             except FileNotFoundError:
                 return ""
             return data.decode("utf-8", errors="replace")
@@ -480,10 +480,11 @@ class SlurmBackend(Backend):
         )
         self._sleep(delay)
 
-    def _retry(self, fn: Callable[[], T], what: str) -> T:
-        """Run an idempotent remote operation, reconnecting on transport errors."""
+    def _retry(self, fn: Callable[[], T], what: str, tries: int | None = None) -> T:
+        """Run an idempotent remote operation, reconnecting on transport errors (``tries``: fewer than configured)."""
         last: BaseException | None = None
-        for attempt in range(1, self.config.connect_tries + 1):
+        tries = min(tries or self.config.connect_tries, self.config.connect_tries)
+        for attempt in range(1, tries + 1):
             try:
                 with self._lock:
                     return fn()
@@ -498,10 +499,9 @@ class SlurmBackend(Backend):
                     raise
                 last = err
                 self._drop_client()
-            self._backoff(attempt, last)
-        raise TransportError(
-            f"{what} on {self.config.conn_id} failed after {self.config.connect_tries} tries: {last}"
-        ) from last
+            if attempt < tries:
+                self._backoff(attempt, last)
+        raise TransportError(f"{what} on {self.config.conn_id} failed after {tries} tries: {last}") from last
 
     def _run(self, line: str, *, check: bool = False) -> tuple[int, str, str]:
         """Run an idempotent command line, with reconnects."""

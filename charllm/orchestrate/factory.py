@@ -171,8 +171,9 @@ def campaign_dag(campaign_file: str | Path) -> DAG:
             return runner_for(src).install()
 
         @task_group(group_id="install")
-        def install() -> Any:
+        def install(checked: Any) -> Any:
             job = install_submit()
+            checked >> job
             return EnvironmentJobSensor(task_id="wait", campaign_file=src, job=job)
 
         @task(task_id="prepare_dataset")
@@ -262,7 +263,7 @@ def campaign_dag(campaign_file: str | Path) -> DAG:
 
         checked = check_params_task().as_setup()
         items = plan()
-        checked >> install() >> prepare_dataset() >> items
+        install(checked) >> prepare_dataset() >> items
         cells = cell.expand(item=items)
         agg = aggregate()
         cells >> agg

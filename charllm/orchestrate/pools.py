@@ -32,9 +32,14 @@ def pool_name(cluster_name: str) -> str:
 
 
 def max_jobs_in_flight(cluster: Any) -> int | None:
-    """The cluster profile's limit (``max_jobs_in_flight``), if it has one."""
-    value = getattr(cluster, "max_jobs_in_flight", None)
-    return int(value) if value else None
+    """The cluster's limit: ``CHARLLM_MAX_JOBS_IN_FLIGHT``, else the profile's ``max_jobs_in_flight``, if any.
+
+    The same setting the catalog enforces (:attr:`charllm.runner.CampaignRunner.max_in_flight`).
+    """
+    from charllm.settings import setting
+
+    value = setting("max_jobs_in_flight", cluster, 0, int)
+    return value if value > 0 else None
 
 
 def pool_for(cluster: Any) -> str | None:

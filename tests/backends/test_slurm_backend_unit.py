@@ -382,3 +382,70 @@ def test_missing_connection_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -
         b.statuses(["1"])
     with pytest.raises(ConfigError, match="charllm_no_such_conn"):
         asyncio.run(b.astatuses(["1"]))
+
+
+@pytest.mark.parametrize(
+    "stderr",
+    [
+        "sbatch: error: QOSMaxSubmitJobPerUserLimit\nsbatch: error: Batch job submission failed: Job violates "
+        "accounting/QOS policy (job submit limit, user's size and/or time limits)",
+        "sbatch: error: AssocMaxSubmitJobLimit",
+        "sbatch: error: Batch job submission failed: Job violates accounting/QOS policy",
+    ],
+)
+def test_submit_limit_refusals_are_their_own_error(tmp_path: Path, stderr: str) -> None:
+    """Waited out and submitted again by the lifecycle, never a failed cell (unlike a refusal for resources)."""
+    from charllm.errors import SubmitLimitError
+
+    b = make(tmp_path)
+    real = b._exec_raw
+
+    def refuse(line: str) -> tuple[int, str, str]:
+        if "sbatch" in line and "--parsable" in line:
+            return 1, "", stderr
+        return real(line)
+
+    b._exec_raw = refuse  # type: ignore[method-assign]
+    with pytest.raises(SubmitLimitError, match="submit limit"):
+        b.submit(JobSpec(IDENT, "#!/bin/bash\n"))
+    assert b.find(IDENT) is None
+
+
+def test_the_log_tail_tries_once(tmp_path: Path) -> None:
+    b = make(tmp_path, connect_tries=5)
+    h = b.submit(JobSpec(IDENT, "#!/bin/bash\n"))
+
+    def dead(line: str) -> tuple[int, str, str]:
+        raise ConnectionRefusedError("refused")
+
+    b._exec_raw = dead  # type: ignore[method-assign]
+    b._get_sftp = lambda: (_ for _ in ()).throw(ConnectionRefusedError("refused"))  # type: ignore[method-assign]
+    b.sleeps.clear()  # type: ignore[attr-defined]
+    with pytest.raises(TransportError, match="1 tries"):
+        b.tail(h, tries=1)
+    assert b.sleeps == []  # type: ignore[attr-defined]
+
+
+def test_local_transport_runs_the_slurm_commands_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """transport 'local': sbatch/sacct/squeue of this machine (here the tests' fake scheduler), files in place."""
+    from tests.fake_slurm import fake_slurm
+
+    env = fake_slurm.install(tmp_path / "bin", tmp_path / "slurm", {"run_s": 0.3})
+    monkeypatch.setenv("PATH", env["PATH"])
+    monkeypatch.setenv("FAKE_SLURM_DIR", env["FAKE_SLURM_DIR"])
+    b = SlurmBackend.from_spec(
+        {"kind": "slurm", "conn_id": "unused", "workdir": str(tmp_path / "w"), "transport": "local"}
+    )
+    ident = JobIdentity("demo", "cell-a", 0, 1, "abcd1234")
+    h = b.submit(JobSpec(ident, "#!/bin/bash\n", {"cell.json": "{}"}))
+    assert h.workdir == f"{tmp_path}/w/demo/cell-a/r0/a1-abcd1234" and (Path(h.workdir) / "cell.json").exists()
+    assert b.submit(JobSpec(ident, "#!/bin/bash\n")) == h  # found by name: submitted once
+    import time
+
+    time.sleep(0.4)
+    st = b.statuses([h.job_id])[h.job_id]
+    assert st.state is JobState.COMPLETED and st.exit_code == 0
+    assert asyncio.run(b.astatuses([h.job_id]))[h.job_id].state is JobState.COMPLETED
+    b.fetch(h, tmp_path / "fetched")
+    assert (tmp_path / "fetched" / "out" / "result.json").exists()
+    assert [j["name"] for j in fake_slurm.jobs(tmp_path / "slurm")] == [ident.job_name]

@@ -75,3 +75,44 @@ def test_on_kill_cancels_the_job(tmp_path):
         time.sleep(0.05)
     assert backend.statuses([job])[job].state is JobState.CANCELLED
     assert "sleep 60" in Path(backend.root, "c", "cell", "r0", "a1", "job.sbatch").read_text()
+
+
+class _Flaky(LocalBackend):
+    """A backend whose status queries fail while ``down`` is set (the cluster unreachable)."""
+
+    down = True
+
+    async def astatuses(self, job_ids):  # type: ignore[override]
+        from charllm.errors import TransportError
+
+        if _Flaky.down:
+            raise TransportError("ssh: connection refused")
+        return await super().astatuses(job_ids)
+
+
+def test_an_outage_is_waited_out_within_the_patience_and_fails_the_wait_after_it(tmp_path, monkeypatch):
+    from charllm.errors import TransportError
+
+    backend = _Flaky(tmp_path / "w")
+    job = _submit(backend, "cell", "true")
+    monkeypatch.setattr(poller_mod, "make_backend", lambda spec: _Flaky(spec["root"]))
+
+    async def first(patience_s: float, up_after_s: float | None) -> dict:
+        _Flaky.down = True
+        if up_after_s is not None:
+            asyncio.get_running_loop().call_later(up_after_s, lambda: setattr(_Flaky, "down", False))
+        async for ev in JobTrigger(backend.spec(), job, 0.05, patience_s=patience_s).run():
+            return ev.payload
+        raise AssertionError("no event")
+
+    # the cluster comes back after ~1 s: the wait goes on and sees the job's end
+    assert asyncio.run(first(30.0, 1.0))["status"]["state"] == "COMPLETED"
+    # it does not: the wait fails once the outage is longer than the patience
+    t0 = time.monotonic()
+    try:
+        asyncio.run(first(1.0, None))
+    except TransportError as err:
+        assert "longer than the transport patience" in str(err)
+    else:
+        raise AssertionError("the wait did not give up")
+    assert 1.0 <= time.monotonic() - t0 < 10
