@@ -573,6 +573,13 @@ MEGATRON_VARIANTS: dict[str, tuple[str, int | None, int, int, int, dict]] = {
         "gpt3-1.3b", None, 8, 32, 2048, {"recompute": True, "recompute_granularity": "selective"}),
     "meg-mixtral-8x7b-L2-ep1": ("mixtral-8x7b", 2, 1, 8, 4096, {}),
 }  # fmt: skip
+# more code paths on one GPU, by name (--megatron-variants): FSDP2 on a one-rank mesh, RoPE/GQA
+# dense, MoE with full recompute
+MEGATRON_EXTRA_VARIANTS: dict[str, tuple[str, int | None, int, int, int, dict]] = {
+    "meg-1.3b-fsdp1": ("gpt3-1.3b", None, 8, 32, 2048, {"fsdp": True}),
+    "meg-llama3-8b-L2": ("llama3-8b", 2, 2, 8, 4096, {}),
+    "meg-mixtral-8x7b-L2-ep1-full-recompute": ("mixtral-8x7b", 2, 1, 8, 4096, {"recompute": True}),
+}  # fmt: skip
 MEGATRON_MFU_TARGET = 0.50  # the 1.3B cell, plain (00000) and with overlap (10000)
 
 
@@ -598,12 +605,12 @@ def sec_megatron(args: argparse.Namespace) -> None:
             log(f"  {name}: skipped (time)")
             SUMMARY.append((f"megatron {name}", "skipped (time)", "", "n/a"))
             continue
-        model, layers, mb, gb, seq, opt = MEGATRON_VARIANTS[name]
+        model, layers, mb, gb, seq, opt = {**MEGATRON_VARIANTS, **MEGATRON_EXTRA_VARIANTS}[name]
         opt = dict(opt)
         recompute = bool(opt.pop("recompute", False))
         c = cell(model, layers=layers, mb=mb, gb=gb, seq=seq, steps=6, compile_=False, recompute=recompute,
-                 overlap=bool(opt.pop("overlap", False)), engine="megatron", gpu_type=args.gpu_type, name=name,
-                 warmup=w, opt_extra=opt)  # fmt: skip
+                 overlap=bool(opt.pop("overlap", False)), fsdp=bool(opt.pop("fsdp", False)), engine="megatron",
+                 gpu_type=args.gpu_type, name=name, warmup=w, opt_extra=opt)  # fmt: skip
         rc, res, text = run_job(c, args.work / name, timeout_s=300)
         ok = res is not None and res["outcome"] == "ok"
         if not ok:
@@ -647,7 +654,8 @@ def main() -> int:
     ap.add_argument("--sections", default="ref,overhead,replay,oom,modes")
     ap.add_argument("--deadline-s", type=float, default=560.0)
     ap.add_argument("--megatron-variants", default=",".join(MEGATRON_VARIANTS),
-                    help="comma list of MEGATRON_VARIANTS names for the megatron section")  # fmt: skip
+                    help="comma list of MEGATRON_VARIANTS (default: all) or MEGATRON_EXTRA_VARIANTS names "
+                    "for the megatron section")  # fmt: skip
     ap.add_argument("--variants", dest="variant_names", default="var-compile,var-compile-fsdp1,var-compile-noloss,"
                     "var-max-autotune", help="comma list of VARIANTS names for the variants section")  # fmt: skip
     args = ap.parse_args()
