@@ -16,10 +16,20 @@ saves/restores the CUDA RNG state (its RNG tracker, activation recompute).
   CPU, makes ``Tensor.cuda()`` a no-op, and reports a CPU tensor's ``Tensor.type()`` under its
   CUDA name (``torch.FloatTensor`` -> ``torch.cuda.FloatTensor``): the same dtype, so the
   optimizer takes the branch it takes on GPU;
-- ``torch.cuda.current_device()`` returns 0 (mapped to the CPU as above);
+- ``torch.cuda.current_device()`` returns the CPU device (also where the mode is not active:
+  inside ``backward``, which the mode's handler runs with the mode popped);
   ``torch.cuda.synchronize`` does nothing (there is no CUDA work to wait for);
   ``torch.cuda.Stream``/``stream``/``current_stream``/``default_stream`` are a stream that
-  runs everything in order on the CPU (what a CUDA stream would do, serialised);
+  runs everything in order on the CPU (what a CUDA stream would do, serialised), and
+  ``torch.cuda.Event`` an event that has always completed;
+- the MoE dispatcher's ``maybe_move_tensor_to_cpu`` copies its split sizes to host (numpy)
+  only from CUDA tensors, and leaves CPU tensors as tensors, which ``all_to_all_single``
+  rejects as split sizes: the shim makes the host copy for CPU tensors too;
+- gloo lacks two collectives NCCL has, which megatron-core's MoE all-to-all dispatcher uses
+  with tp > 1 and ep > 1 (token lists of different lengths per tensor-parallel rank): an
+  all-gather into uneven pieces (here: pad to the longest, ``all_gather_into_tensor``, drop the
+  padding) and its backward, a reduce-scatter of uneven pieces (here: ``all_reduce`` of the
+  whole tensor, each rank keeping its own rows). Same rows, same sums; more bytes moved;
 - the CUDA RNG functions megatron-core calls (``torch.cuda.get_rng_state``/``set_rng_state``/
   ``manual_seed`` and its tracker's ``_get_cuda_rng_state``/``_set_cuda_rng_state``) act on
   the CPU generator, which is the generator CPU kernels (dropout, init) draw from: the RNG
@@ -133,9 +143,61 @@ def _host_copy(tensor: Any, as_numpy: bool = False, record_stream: bool = False)
     return tensor
 
 
+def _uneven_gather_first_dim(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``mappings._gather_along_first_dim`` with uneven ``output_split_sizes`` on gloo.
+
+    Megatron gathers per-rank token lists of different lengths over the tensor-parallel group
+    (MoE all-to-all dispatcher with tp > 1 and ep > 1) by ``all_gather`` into a list of uneven
+    tensors, which NCCL accepts and gloo refuses. Here each rank's rows are padded to the
+    longest, all-gathered, and the padding dropped: the same rows arrive in the same order.
+    """
+
+    def gather(
+        input_: torch.Tensor, group: Any, output_split_sizes: Any = None, use_global_buffer: bool = False
+    ) -> Any:
+        sizes = None if output_split_sizes is None else [int(n) for n in output_split_sizes]
+        if sizes is None or len(set(sizes)) <= 1 or group.size() == 1:
+            return original(input_, group, output_split_sizes, use_global_buffer)
+        import torch.distributed as dist
+
+        longest = max(sizes)
+        padded = input_.new_zeros((longest, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        out = input_.new_empty((longest * len(sizes), *input_.shape[1:]))
+        dist.all_gather_into_tensor(out, padded.contiguous(), group=group)
+        return torch.cat([out[r * longest : r * longest + n] for r, n in enumerate(sizes)], dim=0)
+
+    return gather
+
+
+def _uneven_reduce_scatter_first_dim(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``mappings._reduce_scatter_along_first_dim`` with uneven ``input_split_sizes`` on gloo.
+
+    The backward of the uneven gather above: gloo has no reduce-scatter of uneven lists, so the
+    whole input is summed over the group (``all_reduce``) and each rank keeps its own rows,
+    the rows NCCL's reduce-scatter would have given it.
+    """
+
+    def reduce_scatter(
+        input_: torch.Tensor, group: Any, input_split_sizes: Any = None, use_global_buffer: bool = False
+    ) -> Any:
+        sizes = None if input_split_sizes is None else [int(n) for n in input_split_sizes]
+        if sizes is None or len(set(sizes)) <= 1 or group.size() == 1:
+            return original(input_, group, input_split_sizes, use_global_buffer)
+        import torch.distributed as dist
+
+        total = input_.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        start = sum(sizes[: group.rank()])
+        return total[start : start + sizes[group.rank()]].contiguous()
+
+    return reduce_scatter
+
+
 @contextlib.contextmanager
 def cpu_shim() -> Iterator[None]:
     """Map megatron-core's CUDA placements, streams and RNG calls to the CPU while entered."""
+    import megatron.core.tensor_parallel.mappings as mmappings
     import megatron.core.tensor_parallel.random as mrandom
     import megatron.core.transformer.moe.token_dispatcher as mdispatch
 
@@ -154,6 +216,12 @@ def cpu_shim() -> Iterator[None]:
         (mrandom, "_get_cuda_rng_state", _cpu_get_rng_state),
         (mrandom, "_set_cuda_rng_state", _cpu_set_rng_state),
         (mdispatch, "maybe_move_tensor_to_cpu", _host_copy),
+        (mmappings, "_gather_along_first_dim", _uneven_gather_first_dim(mmappings._gather_along_first_dim)),
+        (
+            mmappings,
+            "_reduce_scatter_along_first_dim",
+            _uneven_reduce_scatter_first_dim(mmappings._reduce_scatter_along_first_dim),
+        ),
     ]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     for obj, name, new in patches:

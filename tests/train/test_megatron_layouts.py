@@ -1,17 +1,18 @@
-"""The megatron engine's parallel layouts on 2 CPU processes (gloo), real megatron-core, no mocks.
+"""The megatron engine's parallel layouts on 2 and 4 CPU processes (gloo), real megatron-core, no mocks.
 
-All two-rank layouts run in ONE ``torchrun --nproc-per-node 2`` (this module's ``__main__``
-is the worker: it builds one engine after the other in the same process group), so the
-megatron-core import (~10 s a process on 2 cores) is paid once; each test reads its layout's
-losses and ``describe()`` from that run. The one-rank references run in the pytest process.
+All two-rank layouts run in ONE ``torchrun --nproc-per-node 2``, the four-rank ones in one
+``--nproc-per-node 4`` (this module's ``__main__`` is the worker: it builds one engine after
+the other in the same process group), so the megatron-core import (~10 s a process on 2
+cores) is paid once per launch; each test reads its layout's losses and ``describe()`` from
+that run. The one-rank references run in the pytest process.
 
 Equal-function comparisons (pp 2 vs pp 1, pp 2 x 2 virtual vs pp 1, ep 2 vs ep 1, FSDP vs
-Megatron DDP) use fp32 and :meth:`MegatronEngine.reinit_layout_invariant` (the same weights
+Megatron DDP, tp 2 vs tp 1 with ep 2 and with FSDP) use fp32 and :meth:`MegatronEngine.reinit_layout_invariant` (the same weights
 whatever rank builds a layer or an expert). Tolerance :data:`LOSS_ATOL`: the layouts do the
 same arithmetic per layer, but sums run in different orders (gradient norms over shards,
 reduce-scatter vs all-reduce, tokens regrouped per expert by the all-to-all), which moves fp32
 losses by ~1e-7 relative per step; 6 Adam steps at lr 1e-2 keep that below 1e-5 (observed:
-< 2e-6). A wrong gradient (a missing reduction, a mis-routed token) moves them by > 1e-2.
+<= 1.9e-6). A wrong gradient (a missing reduction, a mis-routed token) moves them by > 1e-2.
 """
 
 from __future__ import annotations
@@ -41,15 +42,38 @@ STEPS = 6
 LOSS_ATOL = 1e-4
 TINY4 = {**make_cell()["model"], "name": "tiny-4l", "n_layers": 4}  # pp 2 x vp 2 needs 4 layers
 
-# name -> (cell overrides, reinit_layout_invariant)
-LAYOUTS: dict[str, tuple[dict[str, Any], bool]] = {
-    "pp2": ({"parallel": {"pp": 2}, "model": TINY4}, True),
-    "pp2_vp2": ({"parallel": {"pp": 2, "pp_virtual": 2}, "model": TINY4}, True),
-    "tp2_sp_llama_recompute": ({"parallel": {"tp": 2}, "model": TINY_LLAMA, "opt": {"recompute": True}}, False),
-    "dp2_distopt_overlap": ({"parallel": {"dp": 2}, "opt": {"overlap": True}}, False),
-    "fsdp_dp2": ({"parallel": {"dp": 2, "fsdp": True}}, False),
-    "moe_ep1": ({"parallel": {"dp": 2}, "model": TINY_MOE}, True),
-    "moe_ep2": ({"parallel": {"dp": 2, "ep": 2}, "model": TINY_MOE}, True),
+# name -> (cell overrides, reinit_layout_invariant), per number of ranks
+LAYOUTS: dict[int, dict[str, tuple[dict[str, Any], bool]]] = {
+    2: {
+        "pp2": ({"parallel": {"pp": 2}, "model": TINY4}, True),
+        "pp2_vp2": ({"parallel": {"pp": 2, "pp_virtual": 2}, "model": TINY4}, True),
+        "tp2_sp_llama_recompute": ({"parallel": {"tp": 2}, "model": TINY_LLAMA, "opt": {"recompute": True}}, False),
+        "dp2_distopt_overlap": ({"parallel": {"dp": 2}, "opt": {"overlap": True}}, False),
+        "fsdp_dp2": ({"parallel": {"dp": 2, "fsdp": True}}, False),
+        "moe_ep1": ({"parallel": {"dp": 2}, "model": TINY_MOE}, True),
+        "moe_ep2": ({"parallel": {"dp": 2, "ep": 2}, "model": TINY_MOE}, True),
+        # references for the 4-rank layouts (Megatron's CPU init gives tp 1 and tp 2 the same weights)
+        "moe_ep2_overlap": ({"parallel": {"dp": 2, "ep": 2}, "model": TINY_MOE, "opt": {"overlap": True}}, False),
+        "llama_dp2": ({"parallel": {"dp": 2}, "model": TINY_LLAMA}, False),
+    },
+    4: {
+        # the campaigns' Mixtral layouts: expert parallelism with tp > 1 (uneven token gathers)
+        "tp2_dp2_ep2": (
+            {"parallel": {"tp": 2, "dp": 2, "ep": 2}, "model": TINY_MOE, "opt": {"overlap": True}},
+            False,
+        ),
+        # the campaigns' TP8 + FSDP layouts, scaled down
+        "tp2_dp2_fsdp": ({"parallel": {"tp": 2, "dp": 2, "fsdp": True}, "model": TINY_LLAMA}, False),
+        # tp + interleaved pp + selective recompute + overlap
+        "tp2_pp2_vp2": (
+            {
+                "parallel": {"tp": 2, "pp": 2, "pp_virtual": 2},
+                "model": {**TINY_LLAMA, "name": "tiny-llama-4l", "n_layers": 4},
+                "opt": {"overlap": True, "recompute": True, "recompute_granularity": "selective"},
+            },
+            False,
+        ),
+    },
 }
 
 
@@ -89,7 +113,7 @@ def in_process(over: dict[str, Any], reinit: bool) -> tuple[list[float], dict[st
 
 
 def _worker(out: Path) -> None:
-    """``torchrun --nproc-per-node 2 -m tests.train.test_megatron_layouts OUT``: every layout in LAYOUTS."""
+    """``torchrun --nproc-per-node N -m tests.train.test_megatron_layouts OUT``: every layout of LAYOUTS[N]."""
     from datetime import timedelta
 
     import torch.distributed as dist
@@ -99,7 +123,7 @@ def _worker(out: Path) -> None:
     denv = detect()
     dist.init_process_group("gloo", rank=denv.rank, world_size=denv.world_size, timeout=timedelta(seconds=120))
     results: dict[str, Any] = {}
-    for name, (over, reinit) in LAYOUTS.items():
+    for name, (over, reinit) in LAYOUTS[denv.world_size].items():
         t0 = time.time()
         losses, desc = train(CellSpec.from_dict(layout_cell(over)), denv, reinit)
         descs: list[Any] = [None] * denv.world_size
@@ -110,11 +134,9 @@ def _worker(out: Path) -> None:
     dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    out = tmp_path_factory.mktemp("megatron-layouts") / "results.json"
+def _launch(nproc: int, out: Path) -> dict[str, Any]:
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
         "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
         "-m", "tests.train.test_megatron_layouts", str(out),
     ]  # fmt: skip
@@ -122,6 +144,16 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     results: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
     results["_log"] = p.stdout[-3000:] + p.stderr[-6000:]
     return results
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return _launch(2, tmp_path_factory.mktemp("megatron-layouts") / "results2.json")
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return _launch(4, tmp_path_factory.mktemp("megatron-layouts") / "results4.json")
 
 
 def _run(results: dict[str, Any], name: str) -> dict[str, Any]:
@@ -217,6 +249,20 @@ def test_moe_ep2_matches_ep1(two_ranks: dict[str, Any]) -> None:
     }
     assert [e["coords"]["ep"] for e in ep2["engines"]] == [0, 1]
     assert e2["params_local"] < e1["params_local"]  # each rank holds 2 of the 4 experts
+
+
+@pytest.mark.multiproc
+def test_four_ranks_tp2_with_ep2_fsdp_and_interleaved_pp(two_ranks: dict[str, Any], four_ranks: dict[str, Any]) -> None:
+    """tp 2 added to dp 2 x ep 2, and to dp 2 + FSDP, computes what tp 1 computes; tp 2 x pp 2 x vp 2 trains."""
+    ep = _run(four_ranks, "tp2_dp2_ep2")
+    assert ep["losses"] == pytest.approx(_run(two_ranks, "moe_ep2_overlap")["losses"], abs=LOSS_ATOL)
+    assert [e["coords"]["ep"] for e in ep["engines"]] == [0, 0, 1, 1]  # tp innermost, then ep
+    fsdp = _run(four_ranks, "tp2_dp2_fsdp")
+    assert fsdp["losses"] == pytest.approx(_run(two_ranks, "llama_dp2")["losses"], abs=LOSS_ATOL)
+    assert fsdp["engines"][0]["sequence_parallel"] is True and fsdp["engines"][0]["fsdp"] is not None
+    e = _run(four_ranks, "tp2_pp2_vp2")["engines"][0]
+    assert e["pp_schedule"].startswith("interleaved") and e["recompute"] == "selective (core_attn)"
+    assert [x["coords"]["pp"] for x in _run(four_ranks, "tp2_pp2_vp2")["engines"]] == [0, 0, 1, 1]
 
 
 def test_check_layout_refusals() -> None:
