@@ -583,7 +583,7 @@ def parse_report(text: str) -> Report:
     while i < len(lines) and not lines[i].startswith("## "):
         s = lines[i].strip()
         if s and not s.startswith("# "):
-            intro.append(s)
+            intro.append(s.replace("**", "").strip("_") if s.startswith("_") else s.replace("**", ""))
         i += 1
     verdict = ""
     columns: list[str] = []
@@ -608,6 +608,7 @@ def parse_report(text: str) -> Report:
                 i += 1
             break
         i += 1
+    checks.sort(key=lambda c: bool(c.get("_ok")))  # violations first
     return Report(
         intro=intro, verdict=verdict, columns=[c for c in columns if c != "result"] + ["result"], checks=checks
     )

@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -94,6 +95,16 @@ def fmt_metric(col: str, v: float) -> str:
     if col == "peak_gpu_temp_c":
         return f"peak {v:.0f} °C"
     return f"{v:.3g}"
+
+
+def _shown_path(path: str) -> str:
+    """A campaign file as ``include/campaigns/<file>`` when it is in the include folder, else as is."""
+    from charllm.paths import include_dir
+
+    try:
+        return str(Path(path).resolve().relative_to(include_dir().resolve().parent))
+    except ValueError:
+        return path
 
 
 def _when(t: datetime | None) -> str:
@@ -191,7 +202,9 @@ _JS = """
         var ok = res[0] >= 200 && res[0] < 300;
         if (msg) {
           msg.className = 'msg ' + (ok ? 'ok' : 'err');
-          msg.textContent = ok ? ('cleared ' + res[1].cleared + ' task instance(s): the scheduler runs them again')
+          msg.textContent = ok ? ('cleared ' + res[1].cleared + ' task instance(s) (' + (res[1].task_instances || []).map(
+                                   function (t) { return t.task_id + (t.map_index >= 0 ? '[' + t.map_index + ']' : ''); }
+                                 ).join(', ') + '): the scheduler runs them again')
                                : ((res[1] && res[1].detail) || ('error ' + res[0]));
         }
         b.disabled = ok;
@@ -203,8 +216,8 @@ _JS = """
 
 _BASE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{% block title %}Campaigns{% endblock %} · charllm</title><style>{{ css }}</style></head>
-<body>{% block body %}{% endblock %}<script>{{ js }}</script></body></html>
+<title>{% block title %}Campaigns{% endblock %} · charllm</title><style>{{ css|safe }}</style></head>
+<body>{% block body %}{% endblock %}<script>{{ js|safe }}</script></body></html>
 """
 
 _INDEX = """{% extends "base" %}
@@ -243,13 +256,14 @@ _CAMPAIGN = """{% extends "base" %}
   <span>DAG <a data-top href="{{ links.dag(dag_id) }}"><code>{{ dag_id }}</code></a></span>
   {% if info.backend %}<span>backend <b>{{ info.backend }}</b> · cluster <b>{{ info.cluster }}</b> ({{ info.gpu_type }})</span>{% endif %}
   <span>{{ matrix.rows|length }} cells x {{ matrix.repeats|length }} repeat(s)</span>
-  {% if info.source %}<span>file <code>{{ info.source }}</code></span>{% endif %}
+  {% if info.source %}<span>file <code>{{ shown_path(info.source) }}</code></span>{% endif %}
 </div>
 <div class="facts small" id="schedule">
 {% if info.schedule %}
   <span>nightly: <code>{{ info.schedule }}</code>; a scheduled run adds {{ info.nightly_repeats }} new repeat(s) of the
   cells matching <code>{{ info.nightly_cells }}</code> (the drift chart)</span>
-  <span>next run: <b>{{ next_run or "—" }}</b>{% if paused %} <span class="badge st-oom">DAG paused: unpause it to run nightly</span>{% endif %}</span>
+  {% if paused %}<span><span class="badge st-oom">DAG paused</span> unpause it (the toggle beside its name) to run nightly</span>
+  {% else %}<span>next run: <b>{{ next_run or "—" }}</b></span>{% endif %}
 {% else %}<span>no schedule: runs when triggered</span>{% endif %}
 </div>
 {% if info.error %}<div class="banner">The campaign file does not load: {{ info.error }}</div>{% endif %}
@@ -322,12 +336,14 @@ plotted numbers as CSV</span>
 and shipped with the repository, not measured by this installation.</div>{% endif %}
 {% if report %}
 <h3>Report</h3>
-{% for line in report.intro %}<div class="small">{{ line.replace("**", "") }}</div>{% endfor %}
+{% for line in report.intro %}<div class="small">{{ line }}</div>{% endfor %}
 <div id="checks-verdict" class="{{ 'why' if report.violations else '' }}"><b>{{ report.verdict or "No reference checks." }}</b>
  <a class="small" href="{{ links.figure(dag_id, chosen.name, 'report.md') }}">report.md</a></div>
-{% if report.checks %}<table class="plain" id="checks"><tr>{% for c in report.columns %}<th>{{ c }}</th>{% endfor %}</tr>
+{% if report.checks %}<details id="checks-all"{% if report.violations %} open{% endif %}><summary class="small">{{ report.checks|length }}
+checks{% if report.violations %}, {{ report.violations }} violated (first){% endif %}</summary>
+<table class="plain" id="checks"><tr>{% for c in report.columns %}<th>{{ c }}</th>{% endfor %}</tr>
 {% for chk in report.checks %}<tr class="{{ '' if chk._ok else 'violation' }}">{% for c in report.columns %}<td>{{ chk.get(c, "") }}</td>{% endfor %}</tr>{% endfor %}
-</table>{% endif %}
+</table></details>{% endif %}
 {% endif %}
 <div class="figs">
 {% for stem in chosen.figures %}
@@ -386,6 +402,7 @@ def _env() -> Environment:
         help=STATUS_HELP,
         cls=lambda s: "st-" + str(s).replace(" ", "-"),
         when=_when,
+        shown_path=_shown_path,
         metric_lines=lambda e: [t for col, *_ in METRICS if (t := fmt_metric(col, e.metrics.get(col, math.nan)))],
     )
     return env
