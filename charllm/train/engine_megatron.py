@@ -46,24 +46,31 @@ it, on megatron-core 0.16.1:
   FP32Optimizer steps the sharded fp32 parameters (FSDP2 already shards optimizer state, so
   no distributed optimizer). This is what megatron-core's ``TorchFullyShardedDataParallel``
   does, rewritten because that class builds a ``"cuda"`` DeviceMesh (so it cannot run on
-  CPU); megatron-core's own Megatron-FSDP (``use_megatron_fsdp``) allocates its buffers and
-  streams on CUDA and its DTensor checkpoint path expects TE, and could not be tested here.
-  FSDP2 over gloo and NCCL is what the torch engine already runs. Gradients are
+  CPU); megatron-core's own Megatron-FSDP (``use_megatron_fsdp``) places its buffers on
+  ``cuda:current_device`` and drives CUDA streams, so it cannot run on the CPU test ranks, and
+  no multi-GPU machine was available to validate it. FSDP2 over gloo and NCCL is what the
+  torch engine already runs (and this path ran on one H200: MFU 0.525 at GPT-3 1.3B). Gradients are
   reduce-scattered after each micro batch (as megatron-core's FSDP2 wrapper), so no
-  unsharded gradient is kept across micro batches.
+  unsharded gradient is kept across micro batches. Works with pipeline parallelism (1F1B and
+  interleaved: the same losses as Megatron DDP on 4 CPU ranks).
 - **Fusions** (GPU only, none needs apex or TE): ``bias_activation_fusion`` (GELU: Megatron's
   tanh-approximated bias-GELU; SwiGLU), ``bias_dropout_fusion``, ``cross_entropy_loss_fusion``
-  (native), each a ``torch.compile``'d function. Not on CPU (inductor would need a compiler).
+  (native), each a ``torch.compile``'d function. Not on CPU (inductor's C++ build takes tens
+  of seconds per function there and needs a compiler on the node).
 
 On CPU (gloo, tests and demos) megatron-core's CUDA placements, streams and RNG calls are
 mapped to the CPU by :func:`charllm.train.megatron_cpu.cpu_shim`, entered around the engine's
 own calls only when its device is the CPU; nothing is computed differently.
 
 What :func:`check_layout` refuses, with :class:`EngineUnavailableError` (everywhere, CPU and
-GPU alike): cp > 1 (context parallelism is not wired), opt.compile, ``opt.pp_schedule: gpipe``
+GPU alike): cp > 1 (context parallelism is not wired), opt.compile (tried on an H200: no
+speed-up for GPT-3 1.3B, and the MoE dispatcher does not compile), ``opt.pp_schedule: gpipe``
 with pp > 1 (megatron-core has only 1F1B schedules), ``pp_virtual > 1`` with pp = 1,
-``n_layers`` not divisible by ``pp * pp_virtual``, ep not dividing dp, and fsdp together with
-pp > 1 or ep > 1.
+``n_layers`` not divisible by ``pp * pp_virtual``, interleaving (``pp_virtual > 1``) with
+micro batches per step not a multiple of pp, ep not dividing dp, and fsdp together with
+ep > 1 (FSDP2 would shard each rank's own experts over the whole dp group and average
+different experts' gradients; they would have to be sharded over the expert-data-parallel
+group instead, which is not wired).
 """
 
 from __future__ import annotations
@@ -125,10 +132,13 @@ def check_layout(cell: CellSpec, device: torch.device) -> None:
             f"model.n_layers {m.n_layers} is not divisible by pp * pp_virtual = {p.pp} * {p.pp_virtual} "
             "(megatron-core splits layers evenly over pipeline stages)"
         )
+    if p.pp_virtual > 1 and p.pp > 1 and cell.global_batch % (cell.micro_batch * p.dp) == 0 and cell.grad_accum % p.pp:
+        refuse.append(
+            f"interleaved 1F1B needs the micro batches per step (global_batch / (micro_batch * dp) = "
+            f"{cell.grad_accum}) to be a multiple of pp {p.pp} (megatron-core's schedule groups them by pp)"
+        )
     if p.ep > 1 and p.dp % p.ep:
         refuse.append(f"ep {p.ep} must divide dp {p.dp} (megatron-core carves expert parallelism out of dp)")
-    if p.fsdp and p.pp > 1:
-        refuse.append("parallel.fsdp with pp > 1 is not supported (FSDP2 units are not wired to the pipeline)")
     if p.fsdp and p.ep > 1:
         refuse.append("parallel.fsdp with ep > 1 is not supported (experts would be sharded over the wrong group)")
     if refuse:
@@ -294,7 +304,7 @@ class MegatronEngine:
                 moe_router_load_balancing_type="aux_loss",
                 moe_aux_loss_coeff=MOE_AUX_LOSS_COEFF,
             )
-        fuse = self.on_gpu  # torch.compile'd fusions: no compiler on CPU nodes
+        fuse = self.on_gpu  # torch.compile'd fusions: slow C++ builds (and maybe no compiler) on CPU
         return TransformerConfig(
             num_layers=shape.n_layers,
             hidden_size=shape.hidden,

@@ -64,6 +64,9 @@ LAYOUTS: dict[int, dict[str, tuple[dict[str, Any], bool]]] = {
         ),
         # the campaigns' TP8 + FSDP layouts, scaled down
         "tp2_dp2_fsdp": ({"parallel": {"tp": 2, "dp": 2, "fsdp": True}, "model": TINY_LLAMA}, False),
+        # FSDP2 under Megatron's 1F1B schedule, against Megatron DDP
+        "pp2_dp2_fsdp": ({"parallel": {"pp": 2, "dp": 2, "fsdp": True}, "model": TINY4}, False),
+        "pp2_dp2": ({"parallel": {"pp": 2, "dp": 2}, "model": TINY4}, False),
         # tp + interleaved pp + selective recompute + overlap
         "tp2_pp2_vp2": (
             {
@@ -253,13 +256,17 @@ def test_moe_ep2_matches_ep1(two_ranks: dict[str, Any]) -> None:
 
 @pytest.mark.multiproc
 def test_four_ranks_tp2_with_ep2_fsdp_and_interleaved_pp(two_ranks: dict[str, Any], four_ranks: dict[str, Any]) -> None:
-    """tp 2 added to dp 2 x ep 2, and to dp 2 + FSDP, computes what tp 1 computes; tp 2 x pp 2 x vp 2 trains."""
+    """tp 2 added to dp 2 x ep 2, and to dp 2 + FSDP, computes what tp 1 computes; FSDP under pp 2 what DDP
+    computes; tp 2 x pp 2 x vp 2 trains."""
     ep = _run(four_ranks, "tp2_dp2_ep2")
     assert ep["losses"] == pytest.approx(_run(two_ranks, "moe_ep2_overlap")["losses"], abs=LOSS_ATOL)
     assert [e["coords"]["ep"] for e in ep["engines"]] == [0, 0, 1, 1]  # tp innermost, then ep
     fsdp = _run(four_ranks, "tp2_dp2_fsdp")
     assert fsdp["losses"] == pytest.approx(_run(two_ranks, "llama_dp2")["losses"], abs=LOSS_ATOL)
     assert fsdp["engines"][0]["sequence_parallel"] is True and fsdp["engines"][0]["fsdp"] is not None
+    assert _run(four_ranks, "pp2_dp2_fsdp")["losses"] == pytest.approx(
+        _run(four_ranks, "pp2_dp2")["losses"], abs=LOSS_ATOL
+    )
     e = _run(four_ranks, "tp2_pp2_vp2")["engines"][0]
     assert e["pp_schedule"].startswith("interleaved") and e["recompute"] == "selective (core_attn)"
     assert [x["coords"]["pp"] for x in _run(four_ranks, "tp2_pp2_vp2")["engines"]] == [0, 0, 1, 1]
@@ -279,8 +286,8 @@ def test_check_layout_refusals() -> None:
         (replace(base, parallel=ParallelSpec(pp_virtual=2)), "needs pp > 1"),
         (replace(base, parallel=ParallelSpec(pp=3)), "not divisible by pp"),
         (replace(base, parallel=ParallelSpec(pp=2, pp_virtual=4)), "not divisible by pp"),
+        (replace(base, parallel=ParallelSpec(pp=2, pp_virtual=2), global_batch=6, micro_batch=2), "multiple of pp"),
         (replace(moe, parallel=ParallelSpec(dp=2, ep=4)), "must divide dp"),
-        (replace(base, parallel=ParallelSpec(pp=2, dp=2, fsdp=True)), "fsdp with pp"),
         (replace(moe, parallel=ParallelSpec(dp=2, ep=2, fsdp=True)), "fsdp with ep"),
     ]
     for cell, words in cases:
@@ -288,7 +295,12 @@ def test_check_layout_refusals() -> None:
             with pytest.raises(EngineUnavailableError, match=words):
                 check_layout(cell, device)
     # what the campaigns ask for passes
-    for p in (ParallelSpec(pp=2, pp_virtual=2), ParallelSpec(tp=2, dp=2, fsdp=True), ParallelSpec(dp=2)):
+    for p in (
+        ParallelSpec(pp=2, pp_virtual=2),
+        ParallelSpec(tp=2, dp=2, fsdp=True),
+        ParallelSpec(dp=2),
+        ParallelSpec(pp=2, dp=2, fsdp=True),
+    ):
         check_layout(replace(base, parallel=p, opt=replace(base.opt, recompute=True, overlap=True)), CPU)
     check_layout(replace(moe, parallel=ParallelSpec(dp=2, ep=2)), CPU)
 
