@@ -66,7 +66,8 @@ What :func:`check_layout` refuses, with :class:`EngineUnavailableError` (everywh
 GPU alike): cp > 1 (context parallelism is not wired), opt.compile (tried on an H200: no
 speed-up for GPT-3 1.3B, and the MoE dispatcher does not compile), ``opt.pp_schedule: gpipe``
 with pp > 1 (megatron-core has only 1F1B schedules), ``pp_virtual > 1`` with pp = 1,
-``n_layers`` not divisible by ``pp * pp_virtual``, interleaving (``pp_virtual > 1``) with
+``n_layers`` not divisible by ``pp * pp_virtual``, ``seq_len`` or the padded vocabulary not
+divisible by tp (sequence parallelism, vocabulary-parallel embedding), interleaving (``pp_virtual > 1``) with
 micro batches per step not a multiple of pp, ep not dividing dp, and fsdp together with
 ep > 1 (FSDP2 would shard each rank's own experts over the whole dp group and average
 different experts' gradients; they would have to be sharded over the expert-data-parallel
@@ -136,6 +137,16 @@ def check_layout(cell: CellSpec, device: torch.device) -> None:
         refuse.append(
             f"interleaved 1F1B needs the micro batches per step (global_batch / (micro_batch * dp) = "
             f"{cell.grad_accum}) to be a multiple of pp {p.pp} (megatron-core's schedule groups them by pp)"
+        )
+    if p.tp > 1 and cell.seq_len % p.tp:
+        refuse.append(
+            f"seq_len {cell.seq_len} is not divisible by tp {p.tp} (sequence parallelism, on with tp > 1, "
+            "splits the sequence over the tensor-parallel ranks)"
+        )
+    if padded_vocab(m.vocab_size) % p.tp:
+        refuse.append(
+            f"the padded vocabulary {padded_vocab(m.vocab_size)} is not divisible by tp {p.tp} "
+            "(megatron-core splits the embedding and output layer over tp)"
         )
     if p.ep > 1 and p.dp % p.ep:
         refuse.append(f"ep {p.ep} must divide dp {p.dp} (megatron-core carves expert parallelism out of dp)")

@@ -287,6 +287,8 @@ def test_check_layout_refusals() -> None:
         (replace(base, parallel=ParallelSpec(pp=3)), "not divisible by pp"),
         (replace(base, parallel=ParallelSpec(pp=2, pp_virtual=4)), "not divisible by pp"),
         (replace(base, parallel=ParallelSpec(pp=2, pp_virtual=2), global_batch=6, micro_batch=2), "multiple of pp"),
+        (replace(base, parallel=ParallelSpec(tp=2), seq_len=63), "seq_len 63 is not divisible by tp"),
+        (replace(base, parallel=ParallelSpec(tp=3)), "padded vocabulary 512 is not divisible by tp 3"),
         (replace(moe, parallel=ParallelSpec(dp=2, ep=4)), "must divide dp"),
         (replace(moe, parallel=ParallelSpec(dp=2, ep=2, fsdp=True)), "fsdp with ep"),
     ]
