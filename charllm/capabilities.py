@@ -103,6 +103,7 @@ class EngineCaps:
     combos: tuple[tuple[frozenset[str], str], ...] = ()
     vocab_parallel: bool = False
     min_microbatches_1f1b: bool = False
+    pp_schedules: frozenset[str] = frozenset(PP_SCHEDULES)
     notes: Mapping[str, str] = field(default_factory=_frozen)
 
     def supports(self, feature: str) -> bool:
@@ -114,21 +115,11 @@ class EngineCaps:
         return feature in self.parallel or feature in self.knobs
 
 
-_ROPE_ON_CPU = (
-    "megatron-core's RotaryEmbedding moves its frequencies to CUDA; on CPU use a gpt3-family model (learned positions)"
-)
-_RNG_ON_CPU = "megatron-core's activation checkpointing saves and restores the CUDA RNG state; run it on GPUs"
-
-#: What megatron-core cannot do on CPU (gloo, fp32). Edit this entry as the engine grows.
-MEGATRON_CPU_LIMITS: Mapping[str, str] = _frozen(
-    {
-        "family:llama3": _ROPE_ON_CPU,
-        "family:mixtral": _ROPE_ON_CPU,
-        "recompute:full": _RNG_ON_CPU,
-        "recompute:selective": _RNG_ON_CPU,
-        "fsdp": "Megatron's FSDP runs on CUDA devices only",
-    }
-)
+#: What megatron-core cannot do on CPU (gloo, fp32). Empty since the engine's CPU shim
+#: (:mod:`charllm.train.megatron_cpu`) maps megatron-core's CUDA placements, streams and RNG
+#: calls to the CPU: RoPE families, recompute, MoE/EP and FSDP all run over gloo in the tests.
+#: A mode that needs a GPU again goes here, with its reason.
+MEGATRON_CPU_LIMITS: Mapping[str, str] = _frozen({})
 
 TORCH = EngineCaps(
     name="torch",
@@ -175,15 +166,26 @@ MEGATRON = EngineCaps(
         }
     ),
     device_limits=MappingProxyType({"cpu": MEGATRON_CPU_LIMITS}),
-    combos=((frozenset({"fsdp", "pp"}), "Megatron's FSDP runs without pipeline parallelism (use pp = 1)"),),
+    combos=(
+        (
+            frozenset({"fsdp", "ep"}),
+            "FSDP shards over the whole data-parallel group, which would average each rank's own experts "
+            "(use ep = 1 with fsdp)",
+        ),
+    ),
     vocab_parallel=True,
+    pp_schedules=frozenset({"1f1b"}),
     notes=_frozen(
         {
             "tp": "megatron-core column/row-parallel layers, sequence parallel when tp > 1",
             "pp": "megatron-core schedules: 1F1B, interleaved with pp_virtual > 1",
             "dp": "Megatron DDP and the distributed optimizer",
-            "ep": "MoE layers with expert parallelism over the data-parallel ranks",
-            "fsdp": "Megatron FSDP",
+            "ep": "MoE layers (all-to-all token dispatcher) with expert parallelism carved out of dp",
+            "fsdp": "torch FSDP2 fully_shard over Megatron's data-parallel group (per TransformerLayer), "
+            "megatron-core's FP32 optimizer over the shards",
+            "recompute": "full: uniform, 1 layer per group; selective: the core attention (recompute_modules core_attn)",
+            "overlap": "overlap_grad_reduce + overlap_param_gather in Megatron's DDP; tp_comm_overlap where "
+            "Transformer Engine imports",
         }
     ),
 )
@@ -400,6 +402,12 @@ def _engine(v: CellView) -> list[Refusal]:
             no(_field_of(sorted(combo)[0]), f"engine {caps.name!r} cannot combine {names}: {why}")
     if v.pp_schedule not in PP_SCHEDULES:
         no("pp_schedule", f"pipeline schedule must be one of {', '.join(PP_SCHEDULES)}; got {v.pp_schedule!r}")
+    elif v.pp > 1 and v.pp_schedule not in caps.pp_schedules:
+        no(
+            "pp_schedule",
+            f"engine {caps.name!r} has no {v.pp_schedule!r} pipeline schedule (it runs "
+            f"{', '.join(sorted(caps.pp_schedules))})",
+        )
     if v.tp > 1 and "sequence_parallel" in caps.parallel and v.seq_len % v.tp:
         no(
             "seq_len",

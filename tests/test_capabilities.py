@@ -93,7 +93,12 @@ def test_torch_capabilities() -> None:
         ({"cp": 2}, "cp", "context parallelism"),
         ({"compile": True}, "compile", "torch.compile"),
         ({"tp": 2, "seq_len": 1001, "global_batch": 32}, "seq_len", "sequence parallelism"),
-        ({"pp": 2, "dp": 2, "fsdp": True}, "fsdp", "cannot combine"),
+        (
+            {"model": modelcat.get("mixtral-8x7b"), "ep": 2, "dp": 2, "fsdp": True, "seq_len": 4096},
+            "ep",
+            "cannot combine",
+        ),
+        ({"pp": 2, "pp_schedule": "gpipe"}, "pp_schedule", "no 'gpipe' pipeline schedule"),
         ({"engine": "jax"}, "engine", "unknown engine"),
     ],
 )
@@ -103,17 +108,18 @@ def test_refusals_name_field_and_reason(over: dict[str, Any], field: str, words:
     assert any(r.field == field and re.search(words, r.reason) for r in found), found
 
 
-def test_cpu_limits_are_data() -> None:
+def test_cpu_limits_are_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    # megatron-core runs on CPU through the engine's shim: no CPU-only refusal is left; a limit
+    # added to the data entry is refused on that device only
     llama = _view(model=modelcat.get("tiny-llama"), seq_len=64, global_batch=8)
-    assert refusals(llama) == []
+    assert capabilities.MEGATRON_CPU_LIMITS == {}
+    assert refusals(llama) == [] and refusals(replace(llama, device="cpu")) == []
+    assert refusals(_view(device="cpu", recompute="selective", tp=2, pp=2, fsdp=True, dp=2)) == []
+    limited = replace(MEGATRON, device_limits={"cpu": {"family:llama3": "a reason"}})
+    monkeypatch.setattr(capabilities, "ENGINES", {**capabilities.ENGINES, "megatron": limited})
     cpu = refusals(replace(llama, device="cpu"))
-    assert [(r.field, r.kind) for r in cpu] == [("model", "engine")] and "RotaryEmbedding" in cpu[0].reason
-    assert _fields(_view(device="cpu", recompute="selective")) == [("recompute", "engine")]
-    assert set(capabilities.MEGATRON_CPU_LIMITS) <= {f"family:{f}" for f in MEGATRON.families} | set(
-        capabilities.FEATURES
-    ) | {f"recompute:{m}" for m in capabilities.RECOMPUTE_MODES}
-    # the torch engine has no device limits
-    assert refusals(replace(llama, device="cpu", engine="torch")) == []
+    assert [(r.field, r.kind) for r in cpu] == [("model", "engine")] and "a reason" in cpu[0].reason
+    assert refusals(llama) == []
 
 
 def test_recompute_modes() -> None:
@@ -132,13 +138,13 @@ def test_recompute_modes() -> None:
 def test_job_refusals_reads_the_job_cell() -> None:
     from tests.train.conftest import make_cell
 
-    spec = CellSpec.from_dict(make_cell(engine="megatron", opt={"recompute": True}))
-    assert job_refusals(spec, "cuda") == []
-    (why,) = job_refusals(spec, "cpu")
-    assert why.startswith("recompute: engine 'megatron' cannot run full activation recompute") and "CUDA RNG" in why
-    with pytest.raises(EngineUnavailableError, match="cannot run on cpu: recompute: "):
+    spec = CellSpec.from_dict(make_cell(engine="megatron", opt={"recompute": True, "compile": True}))
+    (why,) = job_refusals(spec, "cuda")
+    assert why.startswith("compile: engine 'megatron' does not support torch.compile")
+    assert job_refusals(spec, "cpu") == [why]
+    with pytest.raises(EngineUnavailableError, match="cannot run on cpu: compile: "):
         spec.check_engine("cpu")
-    spec.check_engine("cuda")
+    CellSpec.from_dict(make_cell(engine="megatron", opt={"recompute": True})).check_engine("cpu")
 
 
 # -- the validator and the job agree ----------------------------------------------------------------

@@ -193,3 +193,64 @@ def test_unsupported_layout_fails_the_job_with_the_reason(tmp_path: Path) -> Non
     assert run(tmp_path / "c.json", tmp_path / "out", env={}) == FAILED_EXIT_CODE
     res = json.loads((tmp_path / "out" / "result.json").read_text())
     assert res["outcome"] == "failed" and "compile" in res["error"]
+
+
+def test_engine_guard_agrees_with_the_capability_table() -> None:
+    """The engine's own last guard (check_layout) and the table refuse exactly the same cells."""
+    import random
+
+    from charllm import modelcat
+    from charllm.capabilities import job_refusals
+    from charllm.train.engine_megatron import check_layout
+    from charllm.train.errors import CellConfigError, EngineUnavailableError
+
+    rng = random.Random(20261201)
+    shapes = [modelcat.get(n) for n in ("tiny", "tiny-llama", "tiny-moe", "gpt3-1.3b", "llama3-70b", "mixtral-8x7b")]
+    shapes += [modelcat.get("gpt3-175b", 12), modelcat.get("mixtral-8x22b", 8)]
+    checked = refused = 0
+    for _ in range(10000):
+        m = rng.choice(shapes)
+        tp, pp, vp, dp, ep = (
+            rng.choice(v) for v in ([1, 2, 4, 8], [1, 2, 3, 4], [1, 1, 2, 3], [1, 2, 4, 8], [1, 2, 4, 8])
+        )
+        mb = rng.choice([1, 2, 4])
+        over = {
+            "model": m.as_dict(),
+            "parallel": {
+                "tp": tp,
+                "pp": pp,
+                "dp": dp,
+                "ep": ep,
+                "pp_virtual": vp,
+                "cp": rng.choice([1, 1, 1, 2]),
+                "fsdp": rng.random() < 0.2,
+            },  # fmt: skip
+            "opt": {
+                "recompute": rng.random() < 0.4,
+                "recompute_granularity": rng.choice(["full", "selective"]),
+                "overlap": rng.random() < 0.5,
+                "compile": rng.random() < 0.05,
+                "pp_schedule": rng.choice(["1f1b", "1f1b", "gpipe"]),
+            },  # fmt: skip
+            "micro_batch": mb,
+            "global_batch": mb * dp * rng.choice([1, 2, 3, 4, 8]),
+            "seq_len": rng.choice([64, 100, 128, 256]),
+            "world_size": tp * pp * dp,
+        }
+        over["parallel"]["cp"] = 1 if rng.random() < 0.9 else 2
+        over["world_size"] = tp * pp * dp * over["parallel"]["cp"]
+        try:
+            spec = CellSpec.from_dict(_cell(**over))
+        except CellConfigError:
+            continue  # a layout no engine runs: refused before any engine guard
+        table = job_refusals(spec, "cpu")
+        try:
+            check_layout(spec, CPU)
+            guard = None
+        except EngineUnavailableError as err:
+            guard = str(err)
+        assert bool(table) == (guard is not None), (over, table, guard)
+        checked += 1
+        refused += bool(table)
+    print(f"table and engine guard agree on {checked} cells ({refused} refused)")
+    assert checked > 1000 and 0.1 < refused / checked < 0.9
