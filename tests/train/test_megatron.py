@@ -224,14 +224,14 @@ def test_engine_guard_agrees_with_the_capability_table() -> None:
                 "pp_virtual": vp,
                 "cp": rng.choice([1, 1, 1, 2]),
                 "fsdp": rng.random() < 0.2,
-            },  # fmt: skip
+            },
             "opt": {
                 "recompute": rng.random() < 0.4,
                 "recompute_granularity": rng.choice(["full", "selective"]),
                 "overlap": rng.random() < 0.5,
                 "compile": rng.random() < 0.05,
                 "pp_schedule": rng.choice(["1f1b", "1f1b", "gpipe"]),
-            },  # fmt: skip
+            },
             "micro_batch": mb,
             "global_batch": mb * dp * rng.choice([1, 2, 3, 4, 8]),
             "seq_len": rng.choice([64, 100, 128, 256]),
