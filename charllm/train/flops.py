@@ -9,7 +9,8 @@ each layer (for MoE only ``top_k`` experts, plus the router) and the output laye
 (``vocab x hidden``); the embedding lookups do no multiplication. 12*L*h*s is the attention
 score and value products (2 matmuls of 2*s*h FLOPs per token forward, x3), not halved for the
 causal mask. Hardware FLOPs with full activation recompute add one more forward:
-8 * N_active + 16 * L * h * s.
+8 * N_active + 16 * L * h * s; selective (core attention) recompute adds the attention
+products' forward only: 6 * N_active + 16 * L * h * s.
 """
 
 from __future__ import annotations
@@ -44,10 +45,22 @@ def model_flops_per_token(shape: ModelShape, seq_len: int) -> float:
     return 6.0 * active_matmul_params(shape) + 12.0 * shape.n_layers * shape.hidden * seq_len
 
 
-def hardware_flops_per_token(shape: ModelShape, seq_len: int, recompute: bool) -> float:
-    if not recompute:
+def hardware_flops_per_token(shape: ModelShape, seq_len: int, recompute: bool | str) -> float:
+    """FLOPs the hardware runs per token, recompute included.
+
+    ``recompute``: ``False``/``"none"``: the model FLOPs; ``True``/``"full"``: every layer's
+    forward again (8 N + 16 L h s); ``"selective"`` (the core attention only, megatron's
+    ``core_attn``): the attention products' forward again (6 N + 16 L h s).
+    """
+    mode = ("full" if recompute else "none") if isinstance(recompute, bool) else recompute
+    n, attn = active_matmul_params(shape), shape.n_layers * shape.hidden * seq_len
+    if mode == "none":
         return model_flops_per_token(shape, seq_len)
-    return 8.0 * active_matmul_params(shape) + 16.0 * shape.n_layers * shape.hidden * seq_len
+    if mode == "full":
+        return 8.0 * n + 16.0 * attn
+    if mode == "selective":
+        return 6.0 * n + 16.0 * attn
+    raise ValueError(f"recompute must be a bool or none/full/selective, got {recompute!r}")
 
 
 def peak_flops(gpu_type: str, precision: str) -> float | None:

@@ -71,7 +71,7 @@ def step_metrics(
     world_size: int,
     gpu_type: str,
     precision: str,
-    recompute: bool,
+    recompute: bool | str,
 ) -> dict[str, float]:
     meas = [r for r in records if r.phase == "measure"]
     if not meas:
@@ -99,8 +99,8 @@ def step_metrics(
     if mfu is not None:
         out["mfu"] = mfu
         out["peak_flops_per_gpu"] = float(peak or 0.0)
-    if recompute:
-        hf = hardware_flops_per_token(shape, seq_len, recompute=True)
+    if recompute not in (False, "none"):
+        hf = hardware_flops_per_token(shape, seq_len, recompute=recompute)
         out["hardware_flops_per_token"] = hf
         hfu = utilisation(hf, out["tokens_per_s"], world_size, peak)
         if hfu is not None:

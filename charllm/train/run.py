@@ -272,7 +272,7 @@ class Job:
             world_size=cell.world_size,
             gpu_type=cell.gpu_type,
             precision=cell.precision,
-            recompute=cell.opt.recompute,
+            recompute=cell.opt.recompute_granularity if cell.opt.recompute else "none",
         )
         metrics["warmup_converged"] = float(self.warmup.converged)
         summaries = [g["summary"] for g in gathered if g["summary"] is not None]

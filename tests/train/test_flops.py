@@ -22,6 +22,11 @@ def test_gpt3_1_3b_by_hand() -> None:
     assert model_flops_per_token(m, 2048) == 6 * n + 12 * 24 * 2048 * 2048
     assert hardware_flops_per_token(m, 2048, recompute=True) == 8 * n + 16 * 24 * 2048 * 2048
     assert hardware_flops_per_token(m, 2048, recompute=False) == model_flops_per_token(m, 2048)
+    assert hardware_flops_per_token(m, 2048, recompute="full") == 8 * n + 16 * 24 * 2048 * 2048
+    assert hardware_flops_per_token(m, 2048, recompute="selective") == 6 * n + 16 * 24 * 2048 * 2048
+    assert hardware_flops_per_token(m, 2048, recompute="none") == model_flops_per_token(m, 2048)
+    with pytest.raises(ValueError, match="recompute"):
+        hardware_flops_per_token(m, 2048, recompute="partial")
 
 
 def test_moe_counts_top_k_experts_and_router() -> None:
