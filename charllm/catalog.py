@@ -8,9 +8,10 @@ Every submission starts with :meth:`Catalog.reserve`: one atomic step, shared by
 ``charllm run`` (and any number of either), that either takes a new attempt (a row in state
 ``reserved`` with a fresh nonce) or says why not: the cell repeat has a valid result, an
 attempt of it is in flight (re-attach to it), or its cluster is at its limit of jobs in
-flight. At most one attempt per cell repeat is in flight, enforced by a partial unique index
-(``uq_attempts_in_flight``) that SQLite and PostgreSQL both have; the per-cluster limit is
-counted under a row lock on ``cluster_slots`` (PostgreSQL) or SQLite's write lock.
+flight. At most one attempt per cell repeat is in flight (reserved, submitted, running, or its
+job ended and not yet collected), enforced by a partial unique index (``uq_attempts_active``)
+that SQLite and PostgreSQL both have; the per-cluster limit counts attempts whose job may still
+be queued or running, under a row lock on ``cluster_slots`` (PostgreSQL) or SQLite's write lock.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from charllm.errors import CharllmError
-from charllm.outcomes import IN_FLIGHT_STATES, RESULT_OUTCOMES, AttemptState, Outcome
+from charllm.outcomes import IN_FLIGHT_STATES, QUEUED_STATES, RESULT_OUTCOMES, AttemptState, Outcome
 from charllm.paths import catalog_url
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,9 @@ class CatalogError(CharllmError):
 VALID_OUTCOMES = tuple(str(o) for o in RESULT_OUTCOMES)  # a cell with one of these is done
 LIVE_STATES = (str(AttemptState.SUBMITTED), str(AttemptState.RUNNING))
 _IN_FLIGHT = tuple(str(s) for s in IN_FLIGHT_STATES)
+_QUEUED = tuple(str(s) for s in QUEUED_STATES)
+_ACTIVE_INDEX = "uq_attempts_active"
+_ACTIVE_WHERE = "state IN ('reserved', 'submitted', 'running', 'job_ended')"
 
 
 def _now() -> datetime:
@@ -103,12 +107,12 @@ class AttemptRow(Base):
         UniqueConstraint("cell_id", "repeat", "attempt"),
         # at most one attempt of a cell repeat in flight, whoever submits it (DAG, CLI, two of them)
         Index(
-            "uq_attempts_in_flight",
+            _ACTIVE_INDEX,
             "cell_id",
             "repeat",
             unique=True,
-            sqlite_where=text("state IN ('reserved', 'submitted', 'running')"),
-            postgresql_where=text("state IN ('reserved', 'submitted', 'running')"),
+            sqlite_where=text(_ACTIVE_WHERE),
+            postgresql_where=text(_ACTIVE_WHERE),
         ),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -386,7 +390,7 @@ class Catalog:
                         n = s.scalar(
                             select(func.count())
                             .select_from(AttemptRow)
-                            .where(AttemptRow.cluster == cluster, AttemptRow.state.in_(_IN_FLIGHT))
+                            .where(AttemptRow.cluster == cluster, AttemptRow.state.in_(_QUEUED))
                         )
                         if (n or 0) >= max_in_flight:
                             return Reservation(Reserved.THROTTLED, None, int(n or 0))
@@ -448,15 +452,11 @@ class Catalog:
         with self.session() as s:
             s.execute(delete(AttemptRow).where(AttemptRow.id == row_id, AttemptRow.state == str(AttemptState.RESERVED)))
 
-    def in_flight_count(self, cluster: str) -> int:
+    def queued(self, cluster: str) -> list[AttemptRow]:
+        """The attempts on a cluster whose job may still be queued or running (what its limit counts)."""
         with self.session() as s:
-            return int(
-                s.scalar(
-                    select(func.count())
-                    .select_from(AttemptRow)
-                    .where(AttemptRow.cluster == cluster, AttemptRow.state.in_(_IN_FLIGHT))
-                )
-                or 0
+            return list(
+                s.scalars(select(AttemptRow).where(AttemptRow.cluster == cluster, AttemptRow.state.in_(_QUEUED)))
             )
 
     def reserved_attempt(self, cell_id: str, repeat: int) -> AttemptRow | None:
@@ -483,6 +483,17 @@ class Catalog:
                 setattr(row, k, v)
             if fields.get("outcome") and row.ended_at is None:
                 row.ended_at = _now()
+
+    def mark_job_ended(self, cell_id: str, repeat: int, attempt: int) -> bool:
+        """The attempt's job reached a terminal state: out of the cluster's count, still in flight (conditional)."""
+        with self.session() as s:
+            res = s.execute(
+                update(AttemptRow)
+                .where(AttemptRow.cell_id == cell_id, AttemptRow.repeat == repeat, AttemptRow.attempt == attempt)
+                .where(AttemptRow.state.in_(_QUEUED))
+                .values(state=str(AttemptState.JOB_ENDED))
+            )
+            return bool(res.rowcount)  # type: ignore[attr-defined]
 
     def summary(self, campaign: str) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -530,14 +541,16 @@ def _migrate(engine: Engine) -> None:
     have = {c["name"] for c in insp.get_columns("attempts")}
     missing = {k: v for k, v in _ADDED_COLUMNS.items() if k not in have}
     indexes = {i["name"] for i in insp.get_indexes("attempts")}
-    if not missing and "uq_attempts_in_flight" in indexes:
+    if not missing and _ACTIVE_INDEX in indexes and "uq_attempts_in_flight" not in indexes:
         return
     with engine.begin() as conn:
         for name, sql_type in missing.items():
             if engine.dialect.name == "postgresql" and sql_type == "TIMESTAMP":
                 sql_type = "TIMESTAMP WITH TIME ZONE"
             conn.execute(text(f"ALTER TABLE attempts ADD COLUMN {name} {sql_type}"))
-        if "uq_attempts_in_flight" not in indexes:
+        if "uq_attempts_in_flight" in indexes:  # the first form of the index, without job_ended
+            conn.execute(text("DROP INDEX uq_attempts_in_flight"))
+        if _ACTIVE_INDEX not in indexes:
             rows = conn.execute(
                 select(AttemptRow.id, AttemptRow.cell_id, AttemptRow.repeat, AttemptRow.attempt)
                 .where(AttemptRow.state.in_(_IN_FLIGHT))

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from charllm.backends.base import JobHandle, JobIdentity, JobSpec, JobState, JobStatus
 from charllm.errors import CharllmError, ConfigError, SubmitLimitError
-from charllm.outcomes import Action
+from charllm.outcomes import Action, Outcome
 from charllm.paths import include_dir
 from charllm.render import shell_path, templates
 from charllm.shell import q
@@ -193,13 +193,21 @@ def _submit_setup(runner: CampaignRunner, kind: str, spec: JobSpec) -> JobHandle
 
 
 def setup_after_end(runner: CampaignRunner, kind: str, handle: JobHandle, status: JobStatus) -> dict[str, Any]:
-    """Judge an ended setup job: finished; a lost job's next attempt (its handle); or raise with its log tail."""
+    """Judge an ended setup job with the one state table (:func:`charllm.runner.judge`).
+
+    Only ``ok`` counts as done (an out-of-memory environment job is a failure); a lost job
+    (node failure, pre-emption, forgotten) is submitted again as the next attempt, within the
+    job's attempt budget; anything else raises with the job's log tail.
+    """
+    from charllm.runner import judge
+
     job = setup_job(runner, kind)
     attempt = handle.identity.attempt
-    if status.state is JobState.COMPLETED:
+    verdict = judge(status, attempt, job.max_attempts)
+    if verdict.outcome is Outcome.OK:
         return {"action": str(Action.FINISHED), "job_id": handle.job_id, "state": status.state.value}
     tail = runner.job_tail(handle, 4000)
-    if status.state.is_retryable and attempt < job.max_attempts:
+    if verdict.action is Action.RESUBMIT:
         log.warning("%s job %s ended %s: submitting attempt %d", kind, handle.job_id, status.state.value, attempt + 1)
         spec, _ = job.make(attempt + 1)
         new = _submit_setup(runner, kind, spec)

@@ -54,10 +54,14 @@ class AttemptState(enum.StrEnum):
     RESERVED = "reserved"  # an attempt number and nonce are taken; the job may or may not be submitted yet
     SUBMITTED = "submitted"  # the scheduler accepted the job; its id is recorded
     RUNNING = "running"
+    JOB_ENDED = "job_ended"  # the job reached a terminal state; the attempt is being judged and collected
     ENDED = "ended"  # the job ended and the attempt was collected (``outcome`` says how)
 
 
-IN_FLIGHT_STATES = (AttemptState.RESERVED, AttemptState.SUBMITTED, AttemptState.RUNNING)
+# an attempt of the cell repeat is out there: nobody submits another one (one per cell repeat)
+IN_FLIGHT_STATES = (AttemptState.RESERVED, AttemptState.SUBMITTED, AttemptState.RUNNING, AttemptState.JOB_ENDED)
+# ... and its job may still take a place in the cluster's queue (counted against max_jobs_in_flight)
+QUEUED_STATES = (AttemptState.RESERVED, AttemptState.SUBMITTED, AttemptState.RUNNING)
 
 
 class Action(enum.StrEnum):
@@ -82,6 +86,7 @@ __all__ = [
     "ENDED_OUTCOMES",
     "IN_FLIGHT_STATES",
     "PREFERENCE",
+    "QUEUED_STATES",
     "RESULT_OUTCOMES",
     "Action",
     "AttemptState",

@@ -233,6 +233,7 @@ class Submission:
     reason: str = ""  # WAIT: why not now
     retry_in_s: float = 0.0  # WAIT: when to try again
     transport: bool = False  # WAIT because the cluster was unreachable (counts against the patience)
+    throttled: bool = False  # WAIT because the cluster is at its limit of jobs in flight
 
 
 @dataclass
@@ -480,10 +481,13 @@ class CampaignRunner:
             log.info("cell %s repeat %d: has a result (attempt %d, %s)", cell.name, repeat, row.attempt, row.outcome)
             return Submission(SubmitKind.DONE, result=self._summary_of(row))
         if res.kind is Reserved.THROTTLED:
+            if self.refresh_queued():  # jobs that ended unobserved free their places at once
+                return self.submit_or_reattach(cell_id, repeat, run_id, force)
             return Submission(
                 SubmitKind.WAIT,
                 reason=f"cluster {self.cluster_key} has {res.in_flight} job(s) in flight (limit {self.max_in_flight})",
                 retry_in_s=self.poll_interval_s,
+                throttled=True,
             )
         row = res.row
         assert row is not None
@@ -533,6 +537,8 @@ class CampaignRunner:
         try:
             handle = self.backend.submit(spec)
         except SubmitLimitError as err:
+            # nothing was submitted (submit looks for the job first): the place is given back
+            self.catalog.release(row_id)
             log.warning("cell %s repeat %d: %s; submitting again later", cell.name, ident.repeat, err)
             used = getattr(self, "_limit_refusals", 0)
             self._limit_refusals = used + 1
@@ -567,6 +573,30 @@ class CampaignRunner:
         )
         return Submission(SubmitKind.SUBMITTED, handle)
 
+    def refresh_queued(self) -> int:
+        """Mark attempts on this cluster whose jobs ended as ``job_ended``; returns how many.
+
+        The limit of jobs in flight counts attempts until their job is seen to end, by whoever
+        waits for it. One waiter may be slow to look (a task not yet scheduled, an orchestrator
+        that died): a submitter held back by the limit asks the scheduler about every attempt
+        it counts (one status query), so a place is never held by a job that has ended.
+        """
+        rows = [r for r in self.catalog.queued(self.cluster_key) if r.job_id and r.backend == self.backend.name]
+        if not rows:
+            return 0
+        try:
+            statuses = self.backend.statuses([r.job_id for r in rows if r.job_id])
+        except TransportError:
+            return 0
+        ended = 0
+        for r in rows:
+            st = statuses.get(r.job_id or "")
+            if st is not None and st.state.is_terminal:
+                ended += self.catalog.mark_job_ended(r.cell_id, r.repeat, r.attempt)
+        if ended:
+            log.info("%d job(s) on cluster %s ended: their places are free", ended, self.cluster_key)
+        return ended
+
     def _summary_of(self, row: AttemptRow) -> dict[str, Any]:
         return {
             "cell_id": row.cell_id,
@@ -595,6 +625,8 @@ class CampaignRunner:
         FAILED: the caller collects with :meth:`finish`.
         """
         i = handle.identity
+        # the job left the queue: its place counts no more against the cluster's limit
+        self.catalog.mark_job_ended(i.cell_id, i.repeat, i.attempt)
         verdict = judge(status, self.attempts_used(i.cell_id, i.repeat, run_id), self.max_attempts)
         log.info(
             "job %s (cell %s r%d attempt %d) ended %s (exit code %s) on %s: %s -> %s%s",

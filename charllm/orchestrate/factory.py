@@ -19,6 +19,7 @@ catalog enforces the same limit across DAG runs and ``charllm run``.
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,7 @@ def campaign_dag(campaign_file: str | Path) -> DAG:
         def plan() -> list[dict[str, Any]]:
             ctx = get_current_context()
             p = ctx["params"]
+            t0 = time.monotonic()
             runner = runner_for(src)
             run_type = str(getattr(ctx.get("dag_run"), "run_type", "") or "")
             if run_type.lower().endswith("scheduled"):  # a nightly run: re-measure the nightly subset
@@ -202,11 +204,18 @@ def campaign_dag(campaign_file: str | Path) -> DAG:
             shown = ", ".join(f"{i['name']}#r{i['repeat']}" for i in items[:50])
             more = f", ... ({len(items)} in all)" if len(items) > 50 else ""
             log.info("%d cell repeat(s) to run: %s%s", len(items), shown, more)
+            log.info("planned in %.2f s (campaign loaded, cells registered, results looked up)", time.monotonic() - t0)
             if p.get("dry_run"):
                 # one task renders them all: a dry run of 10,000 cells maps no task instances
+                t1 = time.monotonic()
                 dest = runner.home / "dry-run" / camp.name / ctx["run_id"].replace(":", "_")
                 paths = runner.render_all(items, dest)
-                log.info("dry run: %d job script(s) written under %s; nothing submitted", len(paths), dest)
+                log.info(
+                    "dry run: %d job script(s) written under %s in %.2f s; nothing submitted",
+                    len(paths),
+                    dest,
+                    time.monotonic() - t1,
+                )
                 return []
             limit = max_map_length()
             if len(items) > limit:

@@ -118,11 +118,12 @@ def test_hostile_identity_is_data(backend):
 def test_jobs_queue_for_slots(tmp_path):
     b = LocalBackend(tmp_path / "w", time_limit_s=30, slots=1)
     first = b.submit(_spec("sleep 2", cell="a"))
-    second = b.submit(_spec("true", cell="b"))
     deadline = time.monotonic() + 10
     while b.statuses([first.job_id])[first.job_id].state is not JobState.RUNNING:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    # submitted once the first holds the slot (submitted together, either may take it first)
+    second = b.submit(_spec("true", cell="b"))
     time.sleep(0.5)
     st = b.statuses([second.job_id])[second.job_id]
     assert st.state is JobState.PENDING and "slot" in st.reason

@@ -44,7 +44,7 @@ EXPECTED = {  # cell index -> outcomes of its attempts, in order
 }
 
 
-def _campaign(include: Path, work: Path) -> Path:
+def _campaign(include: Path) -> Path:
     data = {
         "name": "parity",
         "description": "the lifecycle parity test",
@@ -57,7 +57,7 @@ def _campaign(include: Path, work: Path) -> Path:
             "time_limit": "00:10:00",
             "poll_interval_s": 0.5,
             "env_dir": "charllm-env",
-            "workdir": str(work),
+            "workdir": "cluster-work",  # under each side's own $HOME: two fake clusters
         },
         "backend": "slurm",
         "connection_id": "fake_cluster",
@@ -75,12 +75,14 @@ def _env(tmp: Path, include: Path, side: str, scenario: dict) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "CHARLLM_"))}
     af = tmp / side / "airflow-home"
     af.mkdir(parents=True)
+    (tmp / side / "login-home").mkdir()
     env.update(
         AIRFLOW_HOME=str(af),
         AIRFLOW__CORE__DAGS_FOLDER=str(tmp / "dags"),
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
         AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{af / 'airflow.db'}",
         CHARLLM_HOME=str(tmp / side / "home"),
+        HOME=str(tmp / side / "login-home"),
         CHARLLM_INCLUDE=str(include),
         CHARLLM_SLURM_TRANSPORT="local",
         CHARLLM_SUBMIT_LIMIT_BACKOFF_S="0.5",
@@ -102,8 +104,7 @@ def _attempts(home: Path, names: dict[str, str]) -> dict[str, list[str | None]]:
 
 
 def test_cli_and_dag_give_the_same_outcomes_for_the_same_job_states(tmp_path, include_tmp):
-    work = tmp_path / "cluster-work"
-    path = _campaign(include_tmp, work)
+    path = _campaign(include_tmp)
     lc = load_campaign(path)
     assert len(lc.cells) == 6
     names = {c.cell_id: c.name for c in lc.cells}
