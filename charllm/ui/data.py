@@ -8,6 +8,7 @@ from names found in a listing, never from the request's text.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 import os
@@ -274,6 +275,9 @@ class Entry:
     message: str | None = None
     has_folder: bool = False
     metrics: dict[str, float] = field(default_factory=dict)
+    # False: a repeat beyond the campaign's ``repeats`` of a cell the nightly runs do not re-measure
+    # (shown as a blank, not counted as "not run")
+    expected: bool = True
     # filled in by the plugin from Airflow: the DAG run and map index of this cell repeat
     link_run: str | None = None
     map_index: int | None = None
@@ -304,7 +308,8 @@ class Matrix:
         out = dict.fromkeys(STATUSES, 0)
         for r in self.rows:
             for e in r.entries:
-                out[e.status] = out.get(e.status, 0) + 1
+                if e.expected or e.attempts:
+                    out[e.status] = out.get(e.status, 0) + 1
         return out
 
     def entry(self, cell_id: str, repeat: int) -> Entry | None:
@@ -341,6 +346,7 @@ class Matrix:
                             "link_run": e.link_run,
                             "map_index": e.map_index,
                             "ti_state": e.ti_state,
+                            "expected": e.expected,
                             "metrics": {k: v for k, v in e.metrics.items() if not math.isnan(v)},
                         }
                         for e in r.entries
@@ -421,12 +427,17 @@ def build_matrix(
     keys = set(by_key) | (set(table_rows) if source == "tables" else set())
     n_rep = max([info.repeats, *(r + 1 for _, r in keys)])
     repeats = list(range(n_rep))
+    nightly = [p.strip() for p in info.nightly_cells.split(",") if p.strip()] if info.schedule else []
+
+    def re_measured(cid: str) -> bool:
+        return any(fnmatch.fnmatchcase(names[cid], p) or cid.startswith(p) for p in nightly)
+
     rows: list[Row] = []
     order = [cid for cid, _ in info.cells] + sorted((c for c in names if c not in file_ids), key=lambda c: names[c])
     for cid in order:
         entries = []
         for rep in repeats:
-            e = Entry(cell_id=cid, repeat=rep)
+            e = Entry(cell_id=cid, repeat=rep, expected=rep < info.repeats or re_measured(cid))
             tab = table_rows.get((cid, rep))
             if source == "tables" and tab is not None:
                 word = str(tab.get("outcome") or "")

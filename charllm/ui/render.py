@@ -139,6 +139,7 @@ table.matrix th, table.matrix td { border: 1px solid var(--line); padding: 6px 8
 table.matrix th { background: #f9fafb; text-align: left; font-size: 12px; position: sticky; top: 0; }
 table.matrix td.cell { max-width: 340px; }
 table.matrix td.cell .name { font-weight: 600; word-break: break-all; }
+td.blank { background: repeating-linear-gradient(45deg, #fff, #fff 6px, #f7f8fa 6px, #f7f8fa 12px); }
 td.entry { background: var(--bg); border-left: 4px solid var(--c) !important; min-width: 190px; }
 td.entry .head { display: flex; gap: 6px; align-items: center; }
 td.entry .badge { color: var(--c); background: #fff; }
@@ -283,6 +284,10 @@ tokens/s per GPU, model FLOPs utilisation, energy per token, peak GPU temperatur
   <td class="cell"><div class="name">{{ row.name }}</div><div class="small muted"><code>{{ row.cell_id }}</code>
     {% if not row.in_file %} · no longer in the campaign file{% endif %}</div></td>
   {% for e in row.entries %}
+  {% if not e.expected and not e.attempts and e.map_index is none %}
+  <td class="blank" data-cell="{{ e.cell_id }}" data-repeat="{{ e.repeat }}" data-status="{{ e.status }}"
+      title="not re-measured by the nightly runs">&nbsp;</td>
+  {% else %}
   <td class="entry {{ cls(e.status) }}" data-cell="{{ e.cell_id }}" data-repeat="{{ e.repeat }}" data-status="{{ e.status }}">
     <div class="head"><span class="badge">{{ e.status }}</span>
       {% if e.outcome and e.outcome not in (e.status, "ok", "oom") %}<span class="small">({{ e.outcome }})</span>{% endif %}
@@ -304,6 +309,7 @@ tokens/s per GPU, model FLOPs utilisation, energy per token, peak GPU temperatur
       {% endif %}
     </div>
   </td>
+  {% endif %}
   {% endfor %}
 </tr>
 {% endfor %}

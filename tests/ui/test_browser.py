@@ -139,6 +139,15 @@ def test_rerun_this_cell_clears_only_its_instances(ui_server, page, screenshots)
     run = s.request("GET", f"/api/v2/dags/charllm_demo/dagRuns/{quote(s.run_id, safe='')}", user="admin").json()
     assert run["state"] == "queued"  # the scheduler picks the cleared cell up
 
+    # "re-run failed cells" of the run: the cell repeats without a result, here the failed one only
+    row = f"#runs tr[data-run='{s.run_id}']"
+    fr.click(f"{row} button.rerun-failed")
+    fr.click(f"{row} button.rerun-failed")
+    fr.wait_for_selector(f"{row} .msg.ok")
+    msg = fr.inner_text(f"{row} .msg")
+    assert "cell.submit[3]" in msg and "cell.collect[3]" in msg
+    assert not any(f"[{i}]" in msg for i in (0, 1, 2, 4, 5)), msg
+
 
 def test_campaigns_nav_and_the_recorded_gpu_campaign(ui_server, page, screenshots):
     s, pg = ui_server, page
