@@ -315,7 +315,10 @@ def grouped_panels(
         ax.set_xticks(range(len(groups)), labels, rotation=30, ha="right", fontsize=7)
         ax.set_xlim(-0.6, len(groups) - 0.4)  # the hatched outcome bars do not take part in autoscaling
         norm = normalise and col == normalise
-        ax.set_ylabel(ylabel + (" (normalised: ratio to the first)" if norm else ""), fontsize=8)
+        if norm:  # a ratio: no unit
+            first = series[0] if series_col else ""
+            ylabel = f"{ylabel.split(' (')[0]}, ratio to {_GROUP_NAMES.get(series_col or '', series_col)} {first}"
+        ax.set_ylabel(ylabel, fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
         ax.grid(axis="y", alpha=0.3)
         if pi // ncols == nrows - 1 or pi + ncols >= len(panels):
