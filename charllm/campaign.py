@@ -579,6 +579,7 @@ class Cell(_Strict):
             recompute=self.recompute_mode,
             overlap=bool(self.opt.get("overlap", False)),
             compile=bool(self.opt.get("compile", False)),
+            precision=self.precision,
             micro_batch=self.micro_batch,
             global_batch=self.global_batch,
             seq_len=self.seq_len,

@@ -227,6 +227,7 @@ class CellView:
     overlap: bool = False
     compile: bool = False
     pp_schedule: str = "1f1b"
+    precision: str = "bf16"
     micro_batch: int = 1
     global_batch: int = 1
     seq_len: int = 1
@@ -469,6 +470,7 @@ def spec_view(cell: CellSpec, device_type: str | None = None) -> CellView:
         overlap=o.overlap,
         compile=o.compile,
         pp_schedule=o.pp_schedule,
+        precision=cell.precision,
         micro_batch=cell.micro_batch,
         global_batch=cell.global_batch,
         seq_len=cell.seq_len,
@@ -483,3 +485,85 @@ def job_refusals(cell: CellSpec, device_type: str) -> list[str]:
     Each entry reads ``field: reason``. The engines call it as their last guard.
     """
     return [str(r) for r in refusals(spec_view(cell, device_type))]
+
+
+# -- what a runnable cell will run with ----------------------------------------------------------
+
+
+def engine_settings(view: CellView, transformer_engine: bool = False) -> dict[str, str]:
+    """The settings the cell's engine will run it with, in words (for ``plan`` and the docs).
+
+    The same decisions the engines make when they build the cell (``describe()`` in each
+    engine's provenance records what was actually used; a test compares the two).
+    ``transformer_engine``: whether Transformer Engine imports on the nodes (megatron's layer
+    spec and TP communication overlap depend on it).
+    """
+    v = view
+    if v.engine == "megatron":
+        return _megatron_settings(v, transformer_engine)
+    if v.engine == "torch":
+        return _torch_settings(v)
+    raise ValueError(f"unknown engine {v.engine!r}")
+
+
+def _megatron_settings(v: CellView, te: bool) -> dict[str, str]:
+    bf16 = v.precision == "bf16"
+    out = {
+        "layer spec": "Transformer Engine" if te and v.device == "cuda" else "megatron-core local, SDPA core attention",
+        "tp": f"{v.tp}, sequence parallel" if v.tp > 1 else "1",
+    }
+    if v.pp > 1:
+        out["pp"] = (
+            f"{v.pp}, interleaved 1F1B with {v.pp_virtual} virtual stages (overlapped P2P)"
+            if v.pp_virtual > 1
+            else f"{v.pp}, 1F1B (megatron-core schedule)"
+        )
+    else:
+        out["pp"] = "1"
+    out["micro batches/step"] = str(v.microbatches)
+    if v.fsdp:
+        out["dp"] = f"{v.dp}, torch FSDP2 over megatron's dp group (reduce-scatter per micro batch)"
+        out["optimizer"] = "megatron FP32Optimizer on the FSDP2 shards, AdamW, clip 1.0"
+        out["weights"] = "fp32, bf16 compute (FSDP2 mixed precision)" if bf16 else "fp32"
+    else:
+        sync = (
+            "no reduction"
+            if v.dp == 1
+            else "reduce-scatter " + ("overlapped with backward" if v.overlap else "after backward")
+        )
+        out["dp"] = f"{v.dp}, Megatron DDP ({sync})"
+        out["optimizer"] = "megatron distributed optimizer (fp32 main params), AdamW, clip 1.0"
+        if v.overlap and v.dp > 1:
+            out["optimizer"] += ", param all-gather overlapped with forward"
+        out["weights"] = "bf16, fp32 main params and grads" if bf16 else "fp32"
+    if v.ep > 1 or v.model.num_experts:
+        out["moe"] = (
+            f"{v.model.num_experts} experts, top-{v.model.top_k}, ep {v.ep}, all-to-all dispatcher, aux loss 0.01"
+        )
+    out["recompute"] = {
+        "none": "none",
+        "full": "full (uniform, 1 layer per group)",
+        "selective": "selective (core attention)",
+    }[v.recompute]
+    overlap = []
+    if v.overlap and not v.fsdp and v.dp > 1:
+        overlap.append("grad reduce + param gather")
+    if v.overlap and v.tp > 1:
+        overlap.append("TP comm (userbuffers)" if te and v.device == "cuda" else "TP comm: needs Transformer Engine")
+    out["overlap (cc)"] = ", ".join(overlap) if overlap else ("requested, nothing to overlap" if v.overlap else "off")
+    return out
+
+
+def _torch_settings(v: CellView) -> dict[str, str]:
+    out = {"tp": str(v.tp), "pp": f"{v.pp}, {v.pp_schedule}" if v.pp > 1 else "1"}
+    plain_ddp = v.dp > 1 and v.tp == 1 and v.pp == 1 and not v.fsdp
+    if v.fsdp:
+        out["dp"] = f"{v.dp}, FSDP2 fully_shard per block"
+    elif plain_ddp and v.overlap:
+        out["dp"] = f"{v.dp}, DistributedDataParallel (bucketed all-reduce overlapped with backward)"
+    else:
+        out["dp"] = f"{v.dp}, all-reduce after backward" if v.dp > 1 else "1"
+    out["recompute"] = "full (every block)" if v.recompute == "full" else "none"
+    out["compile"] = "torch.compile per block" if v.compile else "off"
+    out["overlap (cc)"] = ("DDP bucket overlap" if plain_ddp else "requested, a no-op here") if v.overlap else "off"
+    return out

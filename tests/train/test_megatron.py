@@ -254,3 +254,35 @@ def test_engine_guard_agrees_with_the_capability_table() -> None:
         refused += bool(table)
     print(f"table and engine guard agree on {checked} cells ({refused} refused)")
     assert checked > 1000 and 0.1 < refused / checked < 0.9
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {},
+        {"opt": {"overlap": True, "recompute": True}},
+        {"opt": {"recompute": True, "recompute_granularity": "selective"}},
+        {"parallel": {"fsdp": True}},
+        {"model": TINY_MOE, "precision": "bf16"},
+    ],
+    ids=["base", "cc-full", "selective", "fsdp", "moe-bf16"],
+)
+def test_engine_settings_match_what_the_engine_builds(over: dict[str, Any]) -> None:
+    """``capabilities.engine_settings`` (plan, docs) says what ``describe()`` records the engine used."""
+    from charllm.capabilities import engine_settings, spec_view
+
+    cell = CellSpec.from_dict(_cell(**over))
+    _, eng = _in_process(cell, 1)
+    d, s = eng.describe(), engine_settings(spec_view(cell, "cpu"))
+    assert s["recompute"].split(" ")[0] == d["recompute"].split(" ")[0]
+    assert ("FSDP2" in s["dp"]) == bool(d["fsdp"])
+    assert ("distributed optimizer" in s["optimizer"]) == bool(d["ddp"] and d["ddp"]["use_distributed_optimizer"])
+    assert ("sequence parallel" in s["tp"]) == d["sequence_parallel"]
+    assert (d["pp_schedule"] is None) == (s["pp"] == "1")
+    assert s["layer spec"].startswith("megatron-core local") == (d["layer_spec"] == "local")
+    assert ("moe" in s) == (d["moe"] is not None)
+    if d["moe"]:
+        assert f"{d['moe']['experts']} experts, top-{d['moe']['top_k']}" in s["moe"] and d["moe"]["dispatcher"] in s[
+            "moe"
+        ].replace("-", "")
+    assert s["weights"].startswith("bf16") == d["params"].startswith("bf16")
