@@ -213,3 +213,20 @@ def test_impossible_cell_is_refused_with_file_cell_and_reason(tmp_path, fname, e
     err = exc.value
     assert (err.source, err.field) == (str(p), f"{where}.{field}")
     assert str(err).startswith(f"{p}: {where}.{field}: cell {cell} cannot run: ")
+
+
+def test_engine_settings_doc_is_current_and_every_paper_cell_runs() -> None:
+    """docs/paper-engine-settings.md is what scripts/engine-settings prints for the four paper files today."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    files = [f"include/campaigns/charllm-{n}.yaml" for n in ("fig4-parallelism", "h200-opt", "microbatch", "h100-opt")]
+    p = subprocess.run(
+        [sys.executable, "scripts/engine-settings", *files], cwd=repo, capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.rstrip().endswith("168 unique cells, 0 refused.")
+    assert p.stdout == (repo / "docs" / "paper-engine-settings.md").read_text(), (
+        "docs/paper-engine-settings.md is stale: regenerate it with scripts/engine-settings"
+    )
