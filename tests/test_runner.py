@@ -189,3 +189,39 @@ def test_job_names_and_folders_carry_the_nonce():
     old = JobIdentity("demo", "abc123", 0, 2)  # jobs submitted before nonces existed keep their names
     assert old.job_name == "charllm.demo.abc123.r0.a2" and JobIdentity.from_job_name(old.job_name) == old
     assert "nonce" not in old.as_dict() and i.as_dict()["nonce"] == "d00df00d"
+
+
+def test_collect_waits_out_an_outage_and_the_log_tail_is_best_effort(charllm_home, monkeypatch):
+    """The cluster unreachable while a finished job's files are fetched: collect waits, then records once."""
+    from charllm.backends.local import LocalBackend
+    from charllm.errors import TransportError
+
+    class Unreachable(LocalBackend):
+        outage = 3  # the next fetches that fail
+
+        def fetch(self, handle, dest):
+            if Unreachable.outage:
+                Unreachable.outage -= 1
+                raise TransportError("ssh: connection refused")
+            return super().fetch(handle, dest)
+
+        def tail(self, handle, n_bytes=4000, tries=None):
+            raise TransportError("ssh: connection refused")
+
+    monkeypatch.setenv("CHARLLM_TRANSPORT_PATIENCE_S", "60")
+    slept: list[float] = []
+    lc_runner = CampaignRunner.from_file(REPO / "include/campaigns/demo.yaml", catalog=Catalog())
+    runner = CampaignRunner(
+        lc_runner.lc,
+        catalog=lc_runner.catalog,
+        backend=Unreachable(charllm_home / "work"),
+        sleep=slept.append,
+    )
+    [item] = runner.plan("tiny-tp1pp1dp1-mb4-gb8-s64-00000")
+    h = runner.submit_or_reattach(item["cell_id"], 0, "run").handle
+    st = _wait(runner, h.job_id)
+    assert "log tail not available" in runner.job_tail(h)
+    summary = runner.finish(h, st)
+    assert summary["outcome"] == "ok" and len(slept) == 3 and max(slept) <= 15
+    [row] = runner.catalog.attempts(cell_id=item["cell_id"])
+    assert row.state == "ended" and row.outcome == "ok"

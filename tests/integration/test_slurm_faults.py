@@ -3,8 +3,9 @@
 1. ``charllm run`` on the same cells while a DAG run has them in flight: the two share the
    results catalog and its reservations, so the shell re-attaches to the DAG's jobs (and the
    DAG to nothing of the shell's): one job per cell on the cluster, one attempt per cell.
-2. sshd down for longer than a poll interval while jobs end: the DAG's wait and collect (and
-   the shell's) wait the outage out; no task fails or is retried.
+2. sshd down, with every open session cut, for longer than a poll interval while jobs end:
+   the DAG's waits and collects and the shell's polls and collects wait the outage out (the
+   log tails are best effort); no task fails or is retried.
 3. A fresh catalog next to the finished jobs: attempt numbers start at 1 again, but the jobs
    carry the old catalog's nonces, so the new run submits its own job and records its own
    outputs instead of adopting an old job's as a new measurement.
@@ -48,6 +49,24 @@ def _env(tmp: Path, cluster_env: dict[str, str], home: Path) -> dict[str, str]:
 def _cell_jobs(cluster, name: str) -> list[list[str]]:
     acct = cluster.slurm("sacct", "-a", "-X", "-n", "-P", "-S", "now-1days", "-o", "JobName,JobID,State")
     return [ln.split("|") for ln in acct.splitlines() if ln.startswith(f"charllm.{name}.")]
+
+
+def _sessions(cluster) -> list[int]:
+    """The dev cluster's open SSH sessions: the children of its sshd listener (one per connection)."""
+    pid = (Path(cluster.env["CHARLLM_DEV_CLUSTER_DIR"]) / "run" / "sshd.pid").read_text().strip()
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", pid], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _outage(cluster) -> None:
+    """sshd down and every open session with it (a network cut, a rebooted login node)."""
+    sessions = _sessions(cluster)
+    cluster.stop_daemon("sshd")
+    for pid in sessions:  # the sessions the listener forked for the tests' own connections
+        try:
+            os.kill(pid, 15)
+        except ProcessLookupError:
+            pass
 
 
 def _wait_until(pred, timeout_s: float, what: str, every_s: float = 1.0):
@@ -95,7 +114,7 @@ def test_cli_beside_the_dag_sshd_outage_and_a_fresh_catalog(tmp_path, dev_cluste
             cli = subprocess.Popen([charllm, "run", str(camp)], env=env, stdout=cout, stderr=subprocess.STDOUT)
             # 2. sshd down while jobs run and end (sacct here, as root, needs no sshd)
             _wait_until(lambda: any(j[2] == "RUNNING" for j in _cell_jobs(dev_cluster, name)), 600, "a running job")
-            dev_cluster.stop_daemon("sshd")
+            _outage(dev_cluster)
             sshd_down = True
             t0 = time.monotonic()
             _wait_until(
@@ -130,7 +149,10 @@ def test_cli_beside_the_dag_sshd_outage_and_a_fresh_catalog(tmp_path, dev_cluste
     assert {a.job_id for a in rows} == {j[1] for j in jobs}
     assert "(submitted)" not in clog, clog[-3000:]
     # the outage was waited out: reported, and no task failed or was retried for it
-    assert "unreachable" in dlog, dlog[-6000:]
+    for who, text in (("DAG", dlog), ("shell", clog)):
+        seen = [ln.split("] ", 1)[-1][:150] for ln in text.splitlines() if "unreachable" in ln or "not available" in ln]
+        print(f"the {who} waited the outage out:\n  " + "\n  ".join(seen))
+        assert seen, text[-6000:]
     assert "UP_FOR_RETRY" not in dlog and "TransportError" not in dlog.replace("TransportError(", ""), dlog[-6000:]
 
     # 3. a fresh catalog beside the old jobs: a new job for the same cell, its own outputs
