@@ -104,6 +104,8 @@ class EngineCaps:
     vocab_parallel: bool = False
     min_microbatches_1f1b: bool = False
     pp_schedules: frozenset[str] = frozenset(PP_SCHEDULES)
+    # model families whose MoE shapes (num_experts > 0) the engine builds; None: every family
+    moe_families: frozenset[str] | None = None
     notes: Mapping[str, str] = field(default_factory=_frozen)
 
     def supports(self, feature: str) -> bool:
@@ -175,6 +177,7 @@ MEGATRON = EngineCaps(
     ),
     vocab_parallel=True,
     pp_schedules=frozenset({"1f1b"}),
+    moe_families=frozenset({"mixtral"}),
     notes=_frozen(
         {
             "tp": "megatron-core column/row-parallel layers, sequence parallel when tp > 1",
@@ -408,6 +411,13 @@ def _engine(v: CellView) -> list[Refusal]:
             "pp_schedule",
             f"engine {caps.name!r} has no {v.pp_schedule!r} pipeline schedule (it runs "
             f"{', '.join(sorted(caps.pp_schedules))})",
+        )
+    if v.model.num_experts and caps.moe_families is not None and v.model.family not in caps.moe_families:
+        no(
+            "model",
+            f"engine {caps.name!r} builds MoE models (num_experts > 0) of the "
+            f"{', '.join(sorted(caps.moe_families))} family only (gated SiLU experts, no biases); "
+            f"{v.model.name} is a {v.model.family!r} MoE",
         )
     if v.tp > 1 and "sequence_parallel" in caps.parallel and v.seq_len % v.tp:
         no(

@@ -150,6 +150,10 @@ def check_layout(cell: CellSpec, device: torch.device) -> None:
         )
     if p.ep > 1 and p.dp % p.ep:
         refuse.append(f"ep {p.ep} must divide dp {p.dp} (megatron-core carves expert parallelism out of dp)")
+    if m.num_experts and m.family != "mixtral":
+        # megatron-core's MoE with biased GELU experts failed in backward on CPU (an in-place
+        # update of _ReduceFromModelParallelRegion's output); the catalog's MoE shapes are mixtral
+        refuse.append(f"MoE models of family {m.family!r}: only the mixtral family (gated SiLU experts, no biases)")
     if p.fsdp and p.ep > 1:
         refuse.append("parallel.fsdp with ep > 1 is not supported (experts would be sharded over the wrong group)")
     if refuse:

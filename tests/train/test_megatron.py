@@ -207,6 +207,7 @@ def test_engine_guard_agrees_with_the_capability_table() -> None:
     rng = random.Random(20261201)
     shapes = [modelcat.get(n) for n in ("tiny", "tiny-llama", "tiny-moe", "gpt3-1.3b", "llama3-70b", "mixtral-8x7b")]
     shapes += [modelcat.get("gpt3-175b", 12), modelcat.get("mixtral-8x22b", 8)]
+    shapes.append(modelcat.ModelShape("gpt3-moe", "gpt3", 2, 64, 4, 256, 512, num_experts=4, top_k=2, max_seq_len=256))
     checked = refused = 0
     for _ in range(10000):
         m = rng.choice(shapes)
