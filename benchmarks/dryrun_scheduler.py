@@ -86,6 +86,13 @@ def _af(env: dict[str, str], *args: str, timeout: int = 300) -> str:
     return p.stdout
 
 
+def _json(text: str) -> list[dict]:
+    """The JSON list in a CLI's stdout (log lines may come before it)."""
+    lines = text.splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("[")), None)
+    return json.loads("\n".join(lines[start:])) if start is not None else []
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cells", type=int, default=2000)
@@ -137,7 +144,7 @@ def main() -> None:
         t_trigger = time.time()
         _af(env, "dags", "trigger", dag_id, "--run-id", run_id, "--conf", json.dumps({"dry_run": True}))
         while True:
-            runs = json.loads(_af(env, "dags", "list-runs", dag_id, "-o", "json"))
+            runs = _json(_af(env, "dags", "list-runs", dag_id, "-o", "json"))
             mine = [r for r in runs if r["run_id"] == run_id]
             if mine and mine[0]["state"] in ("success", "failed"):
                 break
@@ -145,7 +152,7 @@ def main() -> None:
                 raise SystemExit("the run did not finish within 30 minutes")
             time.sleep(2)
         state = mine[0]["state"]
-        tis = json.loads(_af(env, "tasks", "states-for-dag-run", dag_id, run_id, "-o", "json"))
+        tis = _json(_af(env, "tasks", "states-for-dag-run", dag_id, run_id, "-o", "json"))
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -195,6 +195,21 @@ class Patience:
 # -- the backend -----------------------------------------------------------------------------
 
 
+def select_cells(lc: LoadedCampaign, pattern: str | None) -> list[Cell]:
+    """The cells of a campaign a filter picks; a filter that picks none is an error that lists a few names."""
+    cells = lc.select(pattern)
+    if not cells:
+        names = [c.name for c in lc.cells]
+        few = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+        raise ConfigError(
+            lc.source,
+            "cells",
+            f"the filter {pattern!r} matches no cell of campaign {lc.name} (comma-separated globs over "
+            f"cell names, or cell-hash prefixes); its cells are: {few}",
+        )
+    return cells
+
+
 def backend_for(lc: LoadedCampaign, home: Path) -> Backend:
     """The campaign's backend, built from its cluster profile."""
     cluster = lc.cluster
@@ -323,17 +338,7 @@ class CampaignRunner:
 
     def select(self, pattern: str | None) -> list[Cell]:
         """The cells a filter picks; a filter that picks none is an error that lists a few names."""
-        cells = self.lc.select(pattern)
-        if not cells:
-            names = [c.name for c in self.lc.cells]
-            few = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
-            raise ConfigError(
-                self.lc.source,
-                "cells",
-                f"the filter {pattern!r} matches no cell of campaign {self.lc.name} (comma-separated globs over "
-                f"cell names, or cell-hash prefixes); its cells are: {few}",
-            )
-        return cells
+        return select_cells(self.lc, pattern)
 
     # -- planning -----------------------------------------------------------------------
     def register(self) -> None:

@@ -157,8 +157,10 @@ def campaign_dag(campaign_file: str | Path) -> DAG:
             conf = dict(getattr(dag_run, "conf", None) or {})
             check_params(conf)
             p = ctx["params"]
+            from charllm.runner import select_cells
+
             try:
-                cells = runner_for(src).select(p.get("cells"))
+                cells = select_cells(lc, p.get("cells"))  # the campaign this DAG was parsed from
             except CharllmError as err:
                 raise AirflowFailException(f"{err}. Nothing was run.") from err
             log.info("trigger parameters ok: %s; %d cell(s) selected", {k: p.get(k) for k in PARAM_NAMES}, len(cells))
