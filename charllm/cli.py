@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from charllm.campaign import check_unique_name, dedupe, discover, load_campaign, path_under
@@ -128,32 +127,18 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run cells synchronously through the backend (handy on a GPU box without Airflow)."""
-    from charllm.errors import JobFailedError
+    """Run cells now through the backend, without Airflow: the DAG's lifecycle (charllm.runner) in one process."""
     from charllm.runner import CampaignRunner
 
-    runner = CampaignRunner.from_file(args.file)
-    runner.install()
-    items = runner.plan(args.cells, args.repeats, args.force)
-    failed = 0
-    for i, item in enumerate(items, 1):
-        h = runner.ensure_submitted(item["cell_id"], item["repeat"], "cli", new=args.force)
-        _progress(i, len(items), f"{item['name']} r{item['repeat']}: job {h.job_id}")
-        while True:
-            st = runner.backend.statuses([h.job_id])[h.job_id]
-            if st.state.is_terminal:
-                break
-            time.sleep(runner.poll_interval_s)
-        try:
-            s = runner.finish(h, st)
-            print(f"        {s['outcome']}: {s['result_dir']}")
-        except JobFailedError as err:
-            failed += 1
-            print(f"        FAILED: {err}\n{runner.job_tail(h)}")
-    runner.aggregate()
-    for p in runner.visualize("cli"):
+    report = CampaignRunner.from_file(args.file).run(
+        args.cells, args.repeats, args.force, progress=lambda line: print(line, flush=True)
+    )
+    for p in report.figures:
         print(f"figure: {p}")
-    return 1 if failed else 0
+    print(
+        f"run {report.run_id}: {report.outcomes}" + (f"; failed: {', '.join(report.failed)}" if report.failed else "")
+    )
+    return 0 if report.ok else 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
