@@ -526,16 +526,6 @@ class CampaignRunner:
                 log.info("cell %s repeat %d: taking over attempt %d from %s", cell.name, repeat, row.attempt, row.owner)
         return self._submit(cell, ident, row.id, run_id)
 
-    def ensure_submitted(self, cell_id: str, repeat: int, run_id: str | None = None, new: bool = False) -> JobHandle:
-        """:meth:`submit_or_reattach`, waiting while it says WAIT (kept for callers that want a handle)."""
-        while True:
-            sub = self.submit_or_reattach(cell_id, repeat, run_id, force=new)
-            if sub.handle is not None:
-                return sub.handle
-            if sub.kind is SubmitKind.DONE:
-                raise JobFailedError(f"cell {cell_id} repeat {repeat} has a result already: {sub.result}")
-            self.sleep(sub.retry_in_s)
-
     def _submit(self, cell: Cell, ident: JobIdentity, row_id: int, run_id: str | None) -> Submission:
         self.catalog.heartbeat(row_id)
         spec = job_spec(cell, self.lc.cluster_for(cell), ident, data_home=self.data_home)

@@ -51,7 +51,7 @@ def test_failed_cell_keeps_other_cells_results(charllm_home):
     assert len(items) == 2
     good, bad = items
     # the good cell trains for real
-    h_good = runner.ensure_submitted(good["cell_id"], 0, "r1")
+    h_good = runner.submit_or_reattach(good["cell_id"], 0, "r1").handle
     # the bad cell: its attempt is reserved by the runner, but the script crashes
     attempt = runner.catalog.new_attempt(bad["cell_id"], 0, "demo", "local", "r1")
     ident = JobIdentity("demo", bad["cell_id"], 0, attempt)
@@ -85,24 +85,28 @@ def test_failed_cell_keeps_other_cells_results(charllm_home):
     assert sorted((i["cell_id"], i["repeat"]) for i in nightly) == sorted(
         (c, r) for c in (good["cell_id"], bad["cell_id"]) for r in (1, 2)
     )
-    h_night = runner.ensure_submitted(good["cell_id"], 1, "nightly")
+    h_night = runner.submit_or_reattach(good["cell_id"], 1, "nightly").handle
     assert runner.finish(h_night, _wait(runner, h_night.job_id))["outcome"] == "ok"
     cells = pd.read_parquet(runner.aggregate()["cells_table"])
     assert sorted(cells.loc[cells["cell_id"] == good["cell_id"], "repeat"]) == [0, 1]  # both nights kept
     assert [i["repeat"] for i in runner.plan(good["cell_id"], append=True)] == [2]
 
 
-def test_ensure_submitted_reattaches_and_never_duplicates(charllm_home):
+def test_submit_or_reattach_reattaches_and_never_duplicates(charllm_home):
+    import socket
+
     runner = CampaignRunner.from_file(REPO / "include/campaigns/demo.yaml", catalog=Catalog())
     [item] = runner.plan("tiny-tp1pp1dp1-mb4-gb8-s64-00000")
-    h1 = runner.ensure_submitted(item["cell_id"], 0, "r1")
+    h1 = runner.submit_or_reattach(item["cell_id"], 0, "r1").handle
     # a retried submit task, a restarted orchestrator: a fresh runner finds the same job
     other = CampaignRunner.from_file(REPO / "include/campaigns/demo.yaml", catalog=Catalog())
-    h2 = other.ensure_submitted(item["cell_id"], 0, "r1")
+    h2 = other.submit_or_reattach(item["cell_id"], 0, "r1").handle
     assert h1.job_id == h2.job_id
-    # a crash between reserving the attempt and recording the job id: the backend's find() covers it
-    runner.catalog.update_attempt(item["cell_id"], 0, h1.identity.attempt, state="reserved", job_id=None)
-    h3 = other.ensure_submitted(item["cell_id"], 0, "r1")
+    # a crash between reserving the attempt and recording the job id (its owner is gone): the
+    # attempt is taken over and the backend's find() sees the job sbatch had started
+    dead = f"{socket.gethostname()}:1:not-its-start-time"
+    runner.catalog.update_attempt(item["cell_id"], 0, h1.identity.attempt, state="reserved", job_id=None, owner=dead)
+    h3 = other.submit_or_reattach(item["cell_id"], 0, "r1").handle
     assert h3.job_id == h1.job_id
     assert len(list((charllm_home / "work" / ".jobs").iterdir())) == 1
     runner.finish(h1, _wait(runner, h1.job_id))
