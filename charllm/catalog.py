@@ -49,7 +49,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from charllm.errors import CharllmError
@@ -230,7 +230,20 @@ class Catalog:
 
     # -- campaigns and cells -----------------------------------------------------------
     def register(self, campaign: str, source: str, cells: Sequence[tuple[str, str, dict[str, Any]]]) -> None:
-        """Record a campaign and its cells (id, name, config); idempotent, a few queries for any number of cells."""
+        """Record a campaign and its cells (id, name, config); idempotent, a few queries for any number of cells.
+
+        Two orchestrators registering the same new cells at once: the loser's insert meets the
+        primary key and it looks again (then finds them).
+        """
+        for tries in range(5):
+            try:
+                return self._register(campaign, source, cells)
+            except IntegrityError:
+                if tries == 4:
+                    raise
+                time.sleep(0.05 * (tries + 1))
+
+    def _register(self, campaign: str, source: str, cells: Sequence[tuple[str, str, dict[str, Any]]]) -> None:
         with self.session() as s:
             row = s.get(CampaignRow, campaign)
             if row is None:
@@ -543,13 +556,18 @@ def _migrate(engine: Engine) -> None:
     indexes = {i["name"] for i in insp.get_indexes("attempts")}
     if not missing and _ACTIVE_INDEX in indexes and "uq_attempts_in_flight" not in indexes:
         return
+    for name, sql_type in missing.items():
+        if engine.dialect.name == "postgresql" and sql_type == "TIMESTAMP":
+            sql_type = "TIMESTAMP WITH TIME ZONE"
+        try:
+            with engine.begin() as conn:
+                conn.execute(text(f"ALTER TABLE attempts ADD COLUMN {name} {sql_type}"))
+        except DBAPIError:  # another process added it first
+            if name not in {c["name"] for c in inspect(engine).get_columns("attempts")}:
+                raise
     with engine.begin() as conn:
-        for name, sql_type in missing.items():
-            if engine.dialect.name == "postgresql" and sql_type == "TIMESTAMP":
-                sql_type = "TIMESTAMP WITH TIME ZONE"
-            conn.execute(text(f"ALTER TABLE attempts ADD COLUMN {name} {sql_type}"))
         if "uq_attempts_in_flight" in indexes:  # the first form of the index, without job_ended
-            conn.execute(text("DROP INDEX uq_attempts_in_flight"))
+            conn.execute(text("DROP INDEX IF EXISTS uq_attempts_in_flight"))
         if _ACTIVE_INDEX not in indexes:
             rows = conn.execute(
                 select(AttemptRow.id, AttemptRow.cell_id, AttemptRow.repeat, AttemptRow.attempt)
@@ -574,7 +592,11 @@ def _migrate(engine: Engine) -> None:
                     )
                 seen.add((cell_id, repeat))
     for idx in Base.metadata.tables["attempts"].indexes:
-        idx.create(engine, checkfirst=True)
+        try:
+            idx.create(engine, checkfirst=True)
+        except DBAPIError:  # another process created it first
+            if idx.name not in {i["name"] for i in inspect(engine).get_indexes("attempts")}:
+                raise
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

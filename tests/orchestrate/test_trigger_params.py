@@ -3,7 +3,7 @@
 An unknown key (a typo for ``cells``) and a cell filter that matches nothing fail the run in
 ``check_params``, before any other task runs. A 10,000-cell campaign plans and renders in one
 task (a dry run maps nothing), and its plan's 10,000 items are accepted for mapping with
-``max_map_length`` raised (Airflow's default, 1024, is refused with a message that says what to set).
+``max_map_length`` raised (a plan over the limit fails with a message that says what to set).
 """
 
 from __future__ import annotations
@@ -76,6 +76,11 @@ def test_unknown_params_and_empty_cell_filters_are_refused_before_anything_runs(
     assert "tiny-tp1pp1dp1-mb2-gb8-s64-00000" in log  # a few of the campaign's cell names
     assert not _ran(log, "install.submit") and not _ran(log, "plan")
 
+    # more cell repeats than Airflow maps: plan fails and says what to set (`tasks test` exits 0 either way)
+    _, log = _airflow({**env, "AIRFLOW__CORE__MAX_MAP_LENGTH": "3"}, "tasks", "test", "charllm_demo", "plan")
+    assert "6 cell repeats to run, more than Airflow maps into one DAG run (max_map_length 3)" in log, log[-4000:]
+    assert "AIRFLOW__CORE__MAX_MAP_LENGTH" in log and "new_state=failed" in log
+
 
 CAP = 10_000
 
@@ -125,12 +130,7 @@ def test_a_campaign_at_the_cell_cap_plans_renders_and_maps(tmp_path, include_tmp
     print(f"dry run of {CAP} cells through airflow dags test: {wall:.1f} s")
 
     # the real plan's items: accepted for mapping at 10,000 (plan has mapped dependants, so its
-    # XCom goes to the execution API with mapped_length=10000, checked against max_map_length);
-    # with Airflow's default the plan task fails and says what to set. (`tasks test` exits 0 either way.)
+    # XCom goes to the execution API with mapped_length=10000, checked against max_map_length)
     _, log = _airflow(env, "tasks", "test", "charllm_cap", "plan", timeout=900)
     assert f"{CAP} cell repeat(s) to run" in log and "Pushing xcom" in log, log[-6000:]
     assert "new_state=success" in log and "Task failed" not in log, log[-6000:]
-    env_default = {k: v for k, v in env.items() if k != "AIRFLOW__CORE__MAX_MAP_LENGTH"}
-    _, log = _airflow(env_default, "tasks", "test", "charllm_cap", "plan", timeout=900)
-    assert "more than Airflow maps into one DAG run (max_map_length 1024)" in log, log[-4000:]
-    assert "new_state=failed" in log
