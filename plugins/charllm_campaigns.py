@@ -285,6 +285,7 @@ def campaign(
         rep = data.read_report(name, recorded.name)
         note = next((line for line in (rep.intro if rep else []) if "ecorded" in line), None)
     next_run, paused = _next_run(session, dag_id)
+    figures_paused = _next_run(session, f"{dag_id}_figures")[1]
     page = campaign_page(
         info=info,
         matrix=matrix,
@@ -296,6 +297,7 @@ def campaign(
         can_edit=_may(user, "PUT", dag_id, DagAccessEntity.TASK_INSTANCE),
         next_run=next_run,
         paused=paused,
+        figures_paused=figures_paused,
         recorded_note=note.replace("**", "") if note else None,
     )
     return _html(page)
@@ -405,7 +407,7 @@ def _api_root(request: Request) -> str:
     return f"{request.url.scheme}://{request.url.netloc}{airflow_root}".rstrip("/")
 
 
-def _clear(request: Request, dag_id: str, run_id: str, task_ids: list[Any]) -> JSONResponse:
+def _clear(request: Request, dag_id: str, run_id: str, task_ids: list[Any], paused: bool = False) -> JSONResponse:
     """Clear task instances of one DAG run through Airflow's REST API, as the requesting user."""
     import httpx
 
@@ -437,6 +439,7 @@ def _clear(request: Request, dag_id: str, run_id: str, task_ids: list[Any]) -> J
             "dag_run_id": run_id,
             "task_ids": task_ids,
             "cleared": len(tis),
+            "dag_paused": paused,  # a paused DAG's runs wait: the scheduler runs them once it is unpaused
             "task_instances": [
                 {"task_id": t.get("task_id"), "map_index": t.get("map_index"), "state": t.get("state")} for t in tis
             ],
@@ -475,7 +478,7 @@ def rerun_cell(
     idx = plan.get((cell_id, repeat))
     if idx is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "that cell repeat is not planned in this run")
-    return _clear(request, dag_id, run_id, data.clear_targets([idx]))
+    return _clear(request, dag_id, run_id, data.clear_targets([idx]), paused=_next_run(session, dag_id)[1])
 
 
 @app.post("/dags/{dag_id}/runs/{run_id}/rerun-failed", dependencies=[_EDIT])
@@ -491,7 +494,9 @@ def rerun_failed(request: Request, dag_id: DagIdParam, run_id: RunIdParam, sessi
         return JSONResponse(
             {"dag_id": dag_id, "dag_run_id": run_id, "task_ids": [], "cleared": 0, "task_instances": []}
         )
-    return _clear(request, dag_id, run_id, data.clear_targets(plan[k] for k in failed))
+    return _clear(
+        request, dag_id, run_id, data.clear_targets(plan[k] for k in failed), paused=_next_run(session, dag_id)[1]
+    )
 
 
 class CharllmCampaignsPlugin(AirflowPlugin):

@@ -205,7 +205,9 @@ _JS = """
           msg.className = 'msg ' + (ok ? 'ok' : 'err');
           msg.textContent = ok ? ('cleared ' + res[1].cleared + ' task instance(s) (' + (res[1].task_instances || []).map(
                                    function (t) { return t.task_id + (t.map_index >= 0 ? '[' + t.map_index + ']' : ''); }
-                                 ).join(', ') + '): the scheduler runs them again')
+                                 ).join(', ') + '): ' + (res[1].dag_paused
+                                   ? 'the DAG is paused: they run once you unpause it'
+                                   : 'the scheduler runs them again'))
                                : ((res[1] && res[1].detail) || ('error ' + res[0]));
         }
         b.disabled = ok;
@@ -273,6 +275,8 @@ this campaign. The matrix and the figures below come from the tables copied from
 ({{ recorded_note or "see the figures' report" }}); trigger the DAG to measure it here.</div>{% endif %}
 
 <h2>Matrix</h2>
+{% if paused and can_edit %}<div class="banner" id="paused">The DAG is paused: a re-run (or a trigger) waits until you
+unpause it with the toggle beside its name.</div>{% endif %}
 <div class="legend">{% for s in statuses %}<span class="badge {{ cls(s) }}" title="{{ help[s] }}">{{ s }}: {{ counts[s] }}</span>{% endfor %}</div>
 <div class="small muted">Each entry: the outcome of a cell repeat, its attempt, and the key metrics (median step time,
 tokens/s per GPU, model FLOPs utilisation, energy per token, peak GPU temperature; what the cell measured).
@@ -330,6 +334,8 @@ tokens/s per GPU, model FLOPs utilisation, energy per token, peak GPU temperatur
 </table>{% endif %}
 
 <h2 id="figures">Figures</h2>
+{% if figures_paused %}<div class="banner" id="figures-paused">The DAG <a data-top href="{{ links.dag(dag_id + '_figures') }}"><code>{{ dag_id }}_figures</code></a>
+is paused: it draws the figures after each campaign run (nightly ones included) once you unpause it.</div>{% endif %}
 {% if not fig_runs %}<p class="muted">No figures yet: the DAG <code>{{ dag_id }}_figures</code> draws them after each
 campaign run (scheduled on the campaign's tables).</p>{% else %}
 <form class="inline" method="get" action="{{ links.page(dag_id) }}#figures">
@@ -442,6 +448,7 @@ def campaign_page(
     can_edit: bool,
     next_run: str | None = None,
     paused: bool = False,
+    figures_paused: bool = False,
     recorded_note: str | None = None,
 ) -> str:
     return _ENV.get_template("campaign").render(
@@ -457,6 +464,7 @@ def campaign_page(
         can_edit=can_edit,
         next_run=next_run,
         paused=paused,
+        figures_paused=figures_paused,
         recorded_note=recorded_note,
     )
 

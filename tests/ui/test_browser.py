@@ -77,6 +77,8 @@ def test_campaign_tab_shows_matrix_figures_and_checks(ui_server, page, screensho
     assert "tok/s/GPU" in ok and " s" in ok and "attempt 1" in ok
     assert "RuntimeError: prepared failure" in fr.inner_text(f"td.entry[data-cell='{s.cell_id(3)}'][data-repeat='0']")
     assert "0 2 * * *" in fr.inner_text("#schedule")
+    # both DAGs are paused (as Airflow creates them): the view says what that holds back
+    assert "unpause" in fr.inner_text("#paused") and "charllm_demo_figures" in fr.inner_text("#figures-paused")
     # Airflow's own header shows the nightly schedule's next run (the demo ships with a schedule)
     assert "Next Run" in pg.inner_text("body")
     pg.screenshot(path=str(screenshots / "campaign-tab.png"))
@@ -145,7 +147,7 @@ def test_rerun_this_cell_clears_only_its_instances(ui_server, page, screenshots)
     fr.click(f"{row} button.rerun-failed")
     fr.wait_for_selector(f"{row} .msg.ok")
     msg = fr.inner_text(f"{row} .msg")
-    assert "cell.submit[3]" in msg and "cell.collect[3]" in msg
+    assert "cell.submit[3]" in msg and "cell.collect[3]" in msg and "paused" in msg
     assert not any(f"[{i}]" in msg for i in (0, 1, 2, 4, 5)), msg
 
 
