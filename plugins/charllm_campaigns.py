@@ -168,7 +168,7 @@ def _summarise(states: list[str]) -> str | None:
     return states[-1]
 
 
-def _airflow_view(session: Any, dag_id: str, matrix: data.Matrix) -> tuple[list[RunView], dict[str, Any]]:
+def _airflow_view(session: Any, dag_id: str, matrix: data.Matrix) -> list[RunView]:
     """Fill the matrix's Airflow fields (run, map index, task state); the run list with its failed cells."""
     runs = _runs(session, dag_id)
     run_ids = [r.run_id for r in runs]
@@ -205,7 +205,7 @@ def _airflow_view(session: Any, dag_id: str, matrix: data.Matrix) -> tuple[list[
                 failed=failed,
             )
         )
-    return views, {"plans": plans}
+    return views
 
 
 def _next_run(session: Any, dag_id: str) -> tuple[str | None, bool]:
@@ -271,7 +271,7 @@ def campaign(
     if name is None or name not in data.known_campaigns(_get_catalog()):
         return _html(not_campaign_page(dag_id, links))
     info, matrix = _matrix(name)
-    runs, _ = _airflow_view(session, dag_id, matrix)
+    runs = _airflow_view(session, dag_id, matrix)
     fig_runs = data.figure_runs(name)
     chosen = fig_runs[0] if fig_runs else None
     if figures is not None:
@@ -308,7 +308,7 @@ def matrix_json(dag_id: DagIdParam, session: SessionDep) -> JSONResponse:
     """The matrix as JSON: every cell x repeat with its outcome, attempt, DAG run, map index and metrics."""
     name = _campaign_or_404(dag_id)
     _info, matrix = _matrix(name)
-    runs, _ = _airflow_view(session, dag_id, matrix)
+    runs = _airflow_view(session, dag_id, matrix)
     body = matrix.as_dict()
     body["runs"] = [
         {"run_id": r.run_id, "state": r.state, "run_type": r.run_type, "planned": r.planned, "failed": r.failed}
@@ -487,7 +487,7 @@ def rerun_failed(request: Request, dag_id: DagIdParam, run_id: RunIdParam, sessi
     name = _campaign_or_404(dag_id)
     plan = _run_plan_or_404(session, dag_id, run_id)
     _info, matrix = _matrix(name)
-    runs, _ = _airflow_view(session, dag_id, matrix)
+    runs = _airflow_view(session, dag_id, matrix)
     view = next((r for r in runs if r.run_id == run_id), None)
     failed = view.failed if view is not None else []
     if not failed:
