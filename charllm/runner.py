@@ -872,21 +872,25 @@ class CampaignRunner:
             log.warning("reference check failed: %s", c)
         return bad
 
-    def outcomes_of(self, planned: list[dict[str, Any]]) -> dict[str, int]:
-        """Outcome counts of planned cell repeats ('missing' where no attempt ended)."""
+    def outcomes_of(self, planned: list[dict[str, Any]], run_id: str | None = None) -> dict[str, int]:
+        """Outcome counts of planned cell repeats ('missing' where no attempt ended).
+
+        Each cell repeat is judged by its latest ended attempt made by run ``run_id`` (where that
+        run made one; else by its latest ended attempt at all: a job another run submitted and
+        this one re-attached to). An earlier ``ok`` never hides a later failure: a forced re-run
+        whose job failed fails its run.
+        """
         counts: dict[str, int] = {}
         by_cell: dict[str, list[AttemptRow]] = {}
         for item in planned:
             if item["cell_id"] not in by_cell:
                 by_cell[item["cell_id"]] = self.catalog.attempts(cell_id=item["cell_id"])
             rows = [a for a in by_cell[item["cell_id"]] if a.repeat == item["repeat"]]
-            ended = [o for o in (Outcome.parse(a.outcome) for a in rows) if o is not None]
-            best: Outcome = Outcome.MISSING
-            if any(o.is_result for o in ended):
-                best = Outcome.OK if Outcome.OK in ended else Outcome.OOM
-            elif ended:
-                best = ended[-1]
-            counts[str(best)] = counts.get(str(best), 0) + 1
+            mine = [a for a in rows if run_id is not None and a.run_id == run_id]
+            ended = sorted((a for a in (mine or rows) if Outcome.parse(a.outcome) is not None), key=lambda a: a.attempt)
+            best = Outcome.parse(ended[-1].outcome) if ended else None
+            key = str(best or Outcome.MISSING)
+            counts[key] = counts.get(key, 0) + 1
         return counts
 
 

@@ -106,3 +106,28 @@ def test_dag_params_form(stem):
     assert set(dag.params.keys()) >= {"cells", "repeats", "dry_run", "force"}
     assert dag.catchup is False
     assert dag.default_args["retries"] >= 1
+
+
+def test_cells_carry_their_names_and_figures_dags_start_unpaused(tmp_path):
+    """wait and collect are labelled by cell (not 0, 1, 2); the figures DAG is created unpaused."""
+    code = textwrap.dedent(
+        f"""
+        import json
+        from airflow.dag_processing.dagbag import DagBag
+        bag = DagBag(dag_folder={str(REPO / "dags")!r})
+        d, f = bag.dags["charllm_demo"], bag.dags["charllm_demo_figures"]
+        print("REPORT" + json.dumps({{
+            "templates": {{t: d.get_task(t).map_index_template for t in ("cell.submit", "cell.wait", "cell.collect")}},
+            "paused": [d.is_paused_upon_creation, f.is_paused_upon_creation],
+        }}))
+        """
+    )
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("REPORT")), None)
+    assert line, out.stdout[-3000:] + out.stderr[-3000:]
+    rep = json.loads(line[len("REPORT") :])
+    print(rep)
+    assert all(rep["templates"].values()), rep["templates"]
+    # the campaign DAG keeps Airflow's default (a nightly GPU campaign starts only when a person unpauses it)
+    assert rep["paused"] == [None, False]

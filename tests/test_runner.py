@@ -229,3 +229,27 @@ def test_collect_waits_out_an_outage_and_the_log_tail_is_best_effort(charllm_hom
     assert summary["outcome"] == "ok" and len(slept) == 3 and max(slept) <= 15
     [row] = runner.catalog.attempts(cell_id=item["cell_id"])
     assert row.state == "ended" and row.outcome == "ok"
+
+
+def test_verdict_judges_the_attempts_of_its_own_run(tmp_path):
+    """A forced re-run whose job failed fails its run, though an older run's attempt was ok."""
+    runner = CampaignRunner.from_file(REPO / "include/campaigns/demo.yaml", home=tmp_path, catalog=Catalog())
+    runner.register()
+    cell = runner.lc.cells[0]
+    planned = [{"cell_id": cell.cell_id, "repeat": 0, "name": cell.name}]
+    cat = runner.catalog
+
+    def attempt(run_id: str, outcome: str) -> None:
+        n = cat.new_attempt(cell.cell_id, 0, runner.lc.name, "local", run_id)
+        cat.update_attempt(cell.cell_id, 0, n, state="ended", outcome=outcome)
+
+    assert runner.outcomes_of(planned, "night-1") == {"missing": 1}
+    attempt("night-1", "ok")
+    attempt("forced-2", "lost")  # lost, resubmitted by the same run ...
+    attempt("forced-2", "failed")  # ... and failed
+    assert runner.outcomes_of(planned, "night-1") == {"ok": 1}
+    assert runner.outcomes_of(planned, "forced-2") == {"failed": 1}
+    # a run that made no attempt of its own (it re-attached to another run's job): the latest one
+    assert runner.outcomes_of(planned, "adopting-3") == {"failed": 1}
+    attempt("forced-2", "ok")  # the cell cleared and run again in the same run
+    assert runner.outcomes_of(planned, "forced-2") == {"ok": 1}

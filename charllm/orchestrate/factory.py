@@ -234,8 +234,10 @@ def campaign_dag(campaign_file: str | Path) -> DAG:
             ctx["cell_label"] = f"{item['name']} r{item['repeat']}"  # type: ignore[typeddict-unknown-key]
             return submit_cell(src, item, ctx["run_id"])
 
-        @task(task_id="collect", outlets=[rerun_alias])
+        @task(task_id="collect", outlets=[rerun_alias], map_index_template="{{ cell_label }}")
         def collect(waited: dict[str, Any] | None) -> dict[str, Any]:
+            ctx = get_current_context()
+            ctx["cell_label"] = cell_label(src, waited)  # type: ignore[typeddict-unknown-key]
             summary = collect_cell(src, waited)
             reaggregate_after_rerun(src, tables, rerun_alias)
             return summary
@@ -243,7 +245,14 @@ def campaign_dag(campaign_file: str | Path) -> DAG:
         @task_group(group_id="cell")
         def cell(item: dict[str, Any]) -> Any:
             handle = submit(item)
-            waited = CellJobSensor(task_id="wait", campaign_file=src, item=item, handle=handle, **pool_args)
+            waited = CellJobSensor(
+                task_id="wait",
+                campaign_file=src,
+                item=item,
+                handle=handle,
+                map_index_template="{{ task.item['name'] }} r{{ task.item['repeat'] }}",
+                **pool_args,
+            )
             return collect(waited.output)  # type: ignore[arg-type]
 
         @task(task_id="aggregate", trigger_rule=TriggerRule.ALL_DONE_SETUP_SUCCESS, outlets=[tables])
@@ -265,7 +274,7 @@ def campaign_dag(campaign_file: str | Path) -> DAG:
             if get_current_context()["params"].get("dry_run"):
                 log.info("dry run: job scripts rendered by plan, nothing submitted")
                 return {"rendered": len(planned)}
-            counts = runner_for(src).outcomes_of(planned)
+            counts = runner_for(src).outcomes_of(planned, get_current_context()["run_id"])
             log.info("outcomes of the %d planned cell repeat(s): %s", len(planned), counts)
             bad = {k: v for k, v in counts.items() if not Outcome(k).is_result}
             if bad:
@@ -281,6 +290,17 @@ def campaign_dag(campaign_file: str | Path) -> DAG:
         agg >> verdict(items)  # type: ignore[arg-type]
     figures_dag(lc, src, tables)
     return dag
+
+
+def cell_label(src: str, waited: dict[str, Any] | None) -> str:
+    """``<cell name> r<repeat>`` for the map index of a cell's ``collect`` ("" where unknown)."""
+    try:
+        w = waited or {}
+        # a waited job carries its handle's identity; a cell with a valid result, the attempt's summary
+        ident = (w.get("handle") or {}).get("identity") or w
+        return f"{runner_for(src).cell(ident['cell_id']).name} r{ident['repeat']}"
+    except Exception:  # a label is cosmetic: never fail the task for it
+        return ""
 
 
 def reaggregate_after_rerun(src: str, tables: Asset, alias: AssetAlias) -> None:
@@ -329,6 +349,10 @@ def figures_dag(lc: Any, src: str, tables: Asset) -> DAG:
         max_active_runs=1,
         default_args=DEFAULT_ARGS,
         tags=["charllm", "figures", *camp.tags],
+        # unpaused: it only reacts to the campaign's own tables events (cheap, no GPUs). Paused,
+        # as Airflow creates DAGs, it dropped every event until a person unpaused it, and the
+        # events missed meanwhile are not replayed: a run triggered from the UI drew no figures
+        is_paused_upon_creation=False,
     ) as dag:
 
         @task(task_id="visualize")
