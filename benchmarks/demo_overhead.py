@@ -62,7 +62,8 @@ def main() -> None:
     cat = Catalog(f"sqlite:///{tmp / 'home' / 'catalog.db'}")
     jobs = {}
     for a in cat.attempts(campaign="demo"):
-        wd = tmp / "home" / "work" / "demo" / a.cell_id / f"r{a.repeat}" / f"a{a.attempt}"
+        tag = f"a{a.attempt}-{a.nonce}" if a.nonce else f"a{a.attempt}"  # JobIdentity.tag
+        wd = tmp / "home" / "work" / "demo" / a.cell_id / f"r{a.repeat}" / tag
         sub = (wd / "jobid").stat().st_mtime
         started = (wd / "started").stat().st_mtime
         ended = (wd / "exitcode").stat().st_mtime
