@@ -491,7 +491,8 @@ class CampaignRunner:
             return Submission(
                 SubmitKind.WAIT,
                 reason=f"cluster {self.cluster_key} has {res.in_flight} job(s) in flight (limit {self.max_in_flight})",
-                retry_in_s=self.poll_interval_s,
+                # jittered, so that many held-back submitters do not all ask again at once
+                retry_in_s=self.poll_interval_s * random.uniform(1.0, 2.0),
                 throttled=True,
             )
         row = res.row
