@@ -233,7 +233,9 @@ def test_collect_waits_out_an_outage_and_the_log_tail_is_best_effort(charllm_hom
 
 def test_verdict_judges_the_attempts_of_its_own_run(tmp_path):
     """A forced re-run whose job failed fails its run, though an older run's attempt was ok."""
-    runner = CampaignRunner.from_file(REPO / "include/campaigns/demo.yaml", home=tmp_path, catalog=Catalog())
+    runner = CampaignRunner.from_file(
+        REPO / "include/campaigns/demo.yaml", home=tmp_path, catalog=Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    )
     runner.register()
     cell = runner.lc.cells[0]
     planned = [{"cell_id": cell.cell_id, "repeat": 0, "name": cell.name}]
