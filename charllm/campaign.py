@@ -154,6 +154,15 @@ class ClusterProfile(_Strict):
     # extra environment for every job (values are quoted when rendered)
     env: dict[SafeName, Annotated[Text, Field(max_length=4096)]] = Field(default_factory=dict)
     modules: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_./+\-]+$")]] = Field(default_factory=list)
+    # shared-cluster manners (charllm.runner; each also settable by CHARLLM_<NAME> in the environment):
+    # jobs of this cluster in flight at once, over every campaign run and `charllm run` (none: no limit)
+    max_jobs_in_flight: int | None = Field(None, ge=1, le=100_000)
+    # how long an unreachable cluster is waited out before a task fails (seconds; default 1800)
+    transport_patience_s: float | None = Field(None, gt=0, le=604_800)
+    # attempts of a cell repeat per run when its jobs are lost (node failure, preemption; default 3)
+    max_attempts: int | None = Field(None, ge=1, le=20)
+    # the first wait after sbatch refuses a job for a submit limit (seconds; default 30, then doubling)
+    submit_limit_backoff_s: float | None = Field(None, gt=0, le=3600)
 
     @field_validator("env")
     @classmethod

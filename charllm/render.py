@@ -10,6 +10,7 @@ a control character (a newline would end a comment or an ``#SBATCH`` line and st
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -53,9 +54,16 @@ def word(value: object) -> str:
 
 def templates() -> jinja2.Environment:
     """The job-script templates of ``include/templates``; ``| q`` quotes a value for the shell, ``| word``
-    checks an ``#SBATCH`` value; no rendered value may hold a control character (``finalize``)."""
+    checks an ``#SBATCH`` value; no rendered value may hold a control character (``finalize``).
+
+    One environment per templates folder, kept (building one cost ~30 ms a script)."""
+    return _templates(str(include_dir() / "templates"))
+
+
+@functools.lru_cache(maxsize=8)
+def _templates(folder: str) -> jinja2.Environment:
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(include_dir() / "templates")),
+        loader=jinja2.FileSystemLoader(folder),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,

@@ -92,6 +92,7 @@ name: refused
 cluster: local-cpu
 model: tiny-llama
 engine: megatron
+compile: true
 sweep:
   dp: [1, 2]
   global_batch: [8]
@@ -103,15 +104,15 @@ def test_render_refuses_a_cell_that_cannot_run(include_tmp):
 
     p = include_tmp / "campaigns" / "refused.yaml"
     p.write_text(REFUSED)
-    with pytest.raises(ConfigError, match="RotaryEmbedding"):
+    with pytest.raises(ConfigError, match="torch.compile"):
         load_campaign(p)  # the validator refuses it first
     lc = load_campaign(p, check=False)
     cell = lc.cells[0]
     with pytest.raises(ConfigError) as exc:
         render_script(cell, lc.cluster, JobIdentity(lc.name, cell.cell_id, 0, 1), "/opt/env/bin/python")
     msg = str(exc.value)
-    assert msg.startswith(f"campaign refused: cell {cell.name}: cannot run on local-cpu: model: engine 'megatron'")
-    assert "RotaryEmbedding" in msg
+    assert msg.startswith(f"campaign refused: cell {cell.name}: cannot run on local-cpu: compile: engine 'megatron'")
+    assert "torch.compile" in msg
     # a cluster too small for a runnable cell
     demo = load_campaign(REPO / "include/campaigns/demo.yaml")
     dp2 = next(c for c in demo.cells if c.world_size == 2)
@@ -124,7 +125,10 @@ def test_plan_and_validate_show_unrunnable_cells(include_tmp, charllm_home, caps
     from charllm.cli import main
 
     p = include_tmp / "campaigns" / "refused.yaml"
-    p.write_text(REFUSED.replace("model: tiny-llama", "model: tiny") + "include:\n  - {dp: 1, recompute: true}\n")
+    p.write_text(
+        REFUSED.replace("model: tiny-llama", "model: tiny").replace("compile: true\n", "")
+        + "include:\n  - {dp: 1, cp: 2}\n"
+    )
     assert main(["plan", str(p)]) == 1
     out = capsys.readouterr().out
     assert out.splitlines()[0].split()[:5] == ["cell", "hash", "gpus", "runnable", "status"]
@@ -132,9 +136,9 @@ def test_plan_and_validate_show_unrunnable_cells(include_tmp, charllm_home, caps
     assert rows == {
         "tiny-tp1pp1dp1-mb1-gb8-s64-00000": "yes",
         "tiny-tp1pp1dp2-mb1-gb8-s64-00000": "yes",
-        "tiny-tp1pp1dp1-mb1-gb8-s64-01000": "no",
+        "tiny-tp1pp1dp1cp2-mb1-gb8-s64-00000": "no",
     }
-    assert "    cannot run: recompute: engine 'megatron' cannot run full activation recompute" in out
+    assert "    cannot run: cp: engine 'megatron' does not support context parallelism" in out
     assert "2 of 3 cells runnable (engine megatron on local-cpu)" in out
     assert main(["validate", str(p)]) == 1
     out = capsys.readouterr().out

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from charllm.outcomes import IN_FLIGHT_STATES
 from charllm.paths import campaigns_dir, home
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ FILE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,199}\Z")
 
 # the matrix's outcome classes, in the order of the legend
 STATUSES = ("ok", "oom", "failed", "running", "not run")
-_LIVE_STATES = ("reserved", "submitted", "running")
+_LIVE_STATES = tuple(str(s) for s in IN_FLIGHT_STATES)  # reserved, submitted, running, job_ended
 
 # (column of cells.parquet, label, unit, scale): the key metrics of a cell repeat
 METRICS: tuple[tuple[str, str, str, float], ...] = (
