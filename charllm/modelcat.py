@@ -68,6 +68,26 @@ _CATALOG: dict[str, ModelShape] = {
         # Llama 3
         ModelShape("llama3-8b", "llama3", 32, 4096, 32, 14336, 128256, n_kv_heads=8, max_seq_len=8192),
         ModelShape("llama3-70b", "llama3", 80, 8192, 64, 28672, 128256, n_kv_heads=8, max_seq_len=8192),
+        # Llama 1 / Llama 2 as Megatron-Kwai (ATC'24) trains them: examples/atc24/llama-7b,
+        # llama-65b, llama-175b, llama2-70b of kwai/Megatron-Kwai (branch atc24ae) give layers,
+        # hidden, FFN and heads (hidden / 128); 8 query groups for Llama-2 70B. Same architecture
+        # as the llama3 family (RMSNorm, SwiGLU, RoPE, no biases). Vocabulary 32000 (the Llama
+        # tokenizer; Kwai's runs pass --vocab-size 32004, padded by Megatron, which moves MFU by
+        # < 0.005 points). max_seq_len 32768: the longest context Kwai trains these at
+        # (12_run_65b_64gpus_offload.sh; RoPE, so no position table bounds it).
+        ModelShape("llama-7b", "llama3", 32, 4096, 32, 11008, 32000, max_seq_len=32768),
+        ModelShape("llama-65b", "llama3", 80, 8192, 64, 22016, 32000, max_seq_len=32768),
+        # Kwai's "Llama-175B": GPT-3 175B's depth, width and heads with a Llama MLP of 32768
+        ModelShape("llama-175b", "llama3", 96, 12288, 96, 32768, 32000, max_seq_len=32768),
+        ModelShape("llama2-70b", "llama3", 80, 8192, 64, 28672, 32000, n_kv_heads=8, max_seq_len=32768),
+        # The PCIe strategies study (juannyG/coms6998-llms-final-project, src/configs.py, MIT):
+        # d_model / n_heads / n_layers / d_ff / vocab 8000, max_seq_len = its seq_len. Its models
+        # are GPT-2-like (pre-LayerNorm, GELU MLP, learned positions): the gpt3 family.
+        ModelShape("pcie-10m", "gpt3", 4, 320, 8, 1536, 8000, max_seq_len=128),
+        ModelShape("pcie-100m", "gpt3", 12, 768, 12, 3072, 8000, max_seq_len=512),
+        ModelShape("pcie-300m", "gpt3", 24, 1024, 16, 4096, 8000, max_seq_len=1024),
+        ModelShape("pcie-500m", "gpt3", 24, 1280, 20, 5120, 8000, max_seq_len=1024),
+        ModelShape("pcie-1b", "gpt3", 36, 1536, 24, 6144, 8000, max_seq_len=1024),
         # Mixtral
         ModelShape(
             "mixtral-8x7b",
