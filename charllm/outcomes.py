@@ -10,6 +10,12 @@ back unchanged, and ``Outcome.OK == "ok"``.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
+
+from charllm.backends.base import JobState, JobStatus
+from charllm.train import OOM_EXIT_CODE  # the job's exit code after a CUDA out-of-memory error
+
+DEFAULT_MAX_ATTEMPTS = 3
 
 
 class Outcome(enum.StrEnum):
@@ -82,6 +88,64 @@ class SubmitKind(enum.StrEnum):
     # submit limit, the cluster unreachable, another orchestrator is submitting this very cell)
 
 
+# -- the one policy for terminal job states ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a terminal job state means for its cell."""
+
+    outcome: Outcome
+    action: Action
+    retryable: bool = True  # a failed cell: may clearing its task group (a new attempt) help?
+    reason: str = ""
+
+    # the older boolean view (the Airflow layer's words)
+    @property
+    def retry(self) -> bool:
+        return self.action is Action.RESUBMIT
+
+    @property
+    def fail_task(self) -> bool:
+        return self.action is Action.FAILED
+
+    @property
+    def no_retry(self) -> bool:
+        return self.action is Action.FAILED and not self.retryable
+
+
+def judge(status: JobStatus, attempts_used: int = 1, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> Verdict:
+    """The state table: a terminal job state -> outcome and what to do next.
+
+    ========================================  =========  ==========================================
+    state                                     outcome    action
+    ========================================  =========  ==========================================
+    COMPLETED                                 ok         finished (collect; outputs are validated)
+    OUT_OF_MEMORY, FAILED with exit 42        oom        finished (a result: the cell does not fit)
+    NODE_FAIL, PREEMPTED, BOOT_FAIL, LOST     lost       resubmit, until ``max_attempts`` per run
+    TIMEOUT, DEADLINE                         timeout    failed, a new attempt will not help
+    CANCELLED, REVOKED                        cancelled  failed, not retried (a person did it)
+    anything else (FAILED, ...)               failed     failed (clear the cell to try again)
+    ========================================  =========  ==========================================
+    """
+    st = status.state
+    if st.is_success:
+        return Verdict(Outcome.OK, Action.FINISHED)
+    if st is JobState.OUT_OF_MEMORY or (st is JobState.FAILED and status.exit_code == OOM_EXIT_CODE):
+        return Verdict(Outcome.OOM, Action.FINISHED)
+    if st.is_retryable:
+        if attempts_used < max_attempts:
+            return Verdict(Outcome.LOST, Action.RESUBMIT, reason=f"{st.value}: attempt {attempts_used + 1}")
+        return Verdict(
+            Outcome.LOST, Action.FAILED, True, f"{st.value}: {attempts_used} of {max_attempts} attempts lost"
+        )
+    if st is JobState.TIMEOUT or st is JobState.DEADLINE:
+        return Verdict(Outcome.TIMEOUT, Action.FAILED, False, "time limit")
+    if st is JobState.CANCELLED or st is JobState.REVOKED:
+        return Verdict(Outcome.CANCELLED, Action.FAILED, False, "cancelled")
+    return Verdict(Outcome.FAILED, Action.FAILED, True, f"{st.value} (exit code {status.exit_code})")
+
+
 __all__ = [
     "ENDED_OUTCOMES",
     "IN_FLIGHT_STATES",
@@ -92,4 +156,6 @@ __all__ = [
     "AttemptState",
     "Outcome",
     "SubmitKind",
+    "Verdict",
+    "judge",
 ]

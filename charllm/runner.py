@@ -7,7 +7,7 @@ the attempt budget) -> collect -> aggregate.
 The DAG's tasks (``charllm.orchestrate``: the setup tasks, the deferrable sensor, collect)
 call the steps one by one; ``charllm run`` calls :meth:`CampaignRunner.run`, which drives the
 same steps in a loop. Every decision about a job state is made here (:func:`judge`,
-:meth:`CampaignRunner.on_end`, :mod:`charllm.envsetup`'s setup jobs), in the words of
+:meth:`CampaignRunner.on_end`, :mod:`charllm.setup.jobs`'s setup jobs), in the words of
 :mod:`charllm.outcomes`. Nothing here imports Airflow.
 
 Settings (each an environment variable; the cluster profile field of the same name, where
@@ -53,7 +53,16 @@ from charllm.errors import (
     SubmitLimitError,
     TransportError,
 )
-from charllm.outcomes import Action, AttemptState, Outcome, SubmitKind
+from charllm.outcomes import (  # judge, Verdict: their home is outcomes; re-exported here
+    DEFAULT_MAX_ATTEMPTS,
+    OOM_EXIT_CODE,
+    Action,
+    AttemptState,
+    Outcome,
+    SubmitKind,
+    Verdict,
+    judge,
+)
 from charllm.paths import home as default_home
 from charllm.render import job_spec, write_dry_run
 from charllm.settings import setting
@@ -63,70 +72,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-OOM_EXIT_CODE = 42  # charllm.train's exit code after a CUDA out-of-memory error
 DEFAULT_PATIENCE_S = 1800.0
-DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_LEASE_S = 600.0
 # sbatch refusals for submit limits: first wait, doubling up to the cap, jittered
 SUBMIT_LIMIT_BACKOFF_S = (30.0, 600.0)
-
-
-# -- the one policy for terminal job states ------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """What a terminal job state means for its cell."""
-
-    outcome: Outcome
-    action: Action
-    retryable: bool = True  # a failed cell: may clearing its task group (a new attempt) help?
-    reason: str = ""
-
-    # the older boolean view (the Airflow layer's words)
-    @property
-    def retry(self) -> bool:
-        return self.action is Action.RESUBMIT
-
-    @property
-    def fail_task(self) -> bool:
-        return self.action is Action.FAILED
-
-    @property
-    def no_retry(self) -> bool:
-        return self.action is Action.FAILED and not self.retryable
-
-
-def judge(status: JobStatus, attempts_used: int = 1, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> Verdict:
-    """The state table: a terminal job state -> outcome and what to do next.
-
-    ========================================  =========  ==========================================
-    state                                     outcome    action
-    ========================================  =========  ==========================================
-    COMPLETED                                 ok         finished (collect; outputs are validated)
-    OUT_OF_MEMORY, FAILED with exit 42        oom        finished (a result: the cell does not fit)
-    NODE_FAIL, PREEMPTED, BOOT_FAIL, LOST     lost       resubmit, until ``max_attempts`` per run
-    TIMEOUT, DEADLINE                         timeout    failed, a new attempt will not help
-    CANCELLED, REVOKED                        cancelled  failed, not retried (a person did it)
-    anything else (FAILED, ...)               failed     failed (clear the cell to try again)
-    ========================================  =========  ==========================================
-    """
-    st = status.state
-    if st.is_success:
-        return Verdict(Outcome.OK, Action.FINISHED)
-    if st is JobState.OUT_OF_MEMORY or (st is JobState.FAILED and status.exit_code == OOM_EXIT_CODE):
-        return Verdict(Outcome.OOM, Action.FINISHED)
-    if st.is_retryable:
-        if attempts_used < max_attempts:
-            return Verdict(Outcome.LOST, Action.RESUBMIT, reason=f"{st.value}: attempt {attempts_used + 1}")
-        return Verdict(
-            Outcome.LOST, Action.FAILED, True, f"{st.value}: {attempts_used} of {max_attempts} attempts lost"
-        )
-    if st is JobState.TIMEOUT or st is JobState.DEADLINE:
-        return Verdict(Outcome.TIMEOUT, Action.FAILED, False, "time limit")
-    if st is JobState.CANCELLED or st is JobState.REVOKED:
-        return Verdict(Outcome.CANCELLED, Action.FAILED, False, "cancelled")
-    return Verdict(Outcome.FAILED, Action.FAILED, True, f"{st.value} (exit code {status.exit_code})")
 
 
 # -- waiting out the cluster ---------------------------------------------------------------
@@ -405,28 +354,28 @@ class CampaignRunner:
         finally:
             render_mod.templates = build  # type: ignore[assignment]
 
-    # -- environment and data (see charllm.envsetup) ------------------------------------
+    # -- environment and data (see charllm.setup.jobs) ------------------------------------
     def install(self) -> dict[str, Any]:
         """Check (local) or find/submit (cluster) the environment job; returns a handle to wait for, or skipped."""
-        from charllm.envsetup import ensure_environment
+        from charllm.setup.jobs import ensure_environment
 
         return ensure_environment(self)
 
     def after_setup_job(self, kind: str, handle: JobHandle, status: JobStatus) -> dict[str, Any]:
         """Judge an ended environment or dataset job: finished, or the next attempt's handle; raises if failed."""
-        from charllm.envsetup import setup_after_end
+        from charllm.setup.jobs import setup_after_end
 
         return setup_after_end(self, kind, handle, status)
 
     def prepare_dataset(self) -> dict[str, Any]:
         """Prepare the campaign's dataset (a job for ``indexed``) and wait for it."""
-        from charllm.envsetup import ensure_dataset
+        from charllm.setup.jobs import ensure_dataset
 
         return ensure_dataset(self)
 
     def setup(self) -> dict[str, Any]:
         """The environment (its job, and the wait for it) and the dataset: what the DAG does before ``plan``."""
-        from charllm.envsetup import wait_setup_job
+        from charllm.setup.jobs import wait_setup_job
 
         env = self.install()
         if env.get("handle"):
@@ -866,7 +815,7 @@ class CampaignRunner:
 
     def check_references(self, cells: Any) -> list[Any]:
         """The campaign's reference bands that its results miss, each logged as a warning."""
-        from charllm.reference import check_references, violations
+        from charllm.analysis.reference import check_references, violations
 
         bad = violations(check_references(self.lc.campaign.references, cells))
         for c in bad:

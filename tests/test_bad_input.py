@@ -394,7 +394,7 @@ def test_cli_render_writes_only_under_dest(include_tmp, charllm_home, tmp_path, 
 
 
 def test_dataprep_never_replaces_a_folder_that_is_not_a_dataset(tmp_path):
-    from charllm.dataprep import DataPrepError, prepare
+    from charllm.setup.dataprep import DataPrepError, prepare
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("hello\nworld\n")

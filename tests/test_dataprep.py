@@ -20,7 +20,7 @@ import yaml
 
 from charllm.campaign import load_campaign
 from charllm.catalog import Catalog
-from charllm.dataprep import (
+from charllm.setup.dataprep import (
     BYTES_EOD,
     INDEX_MAGIC,
     ByteTokenizer,
@@ -101,7 +101,7 @@ def test_second_run_does_nothing_and_says_so(tmp_path):
     assert prepare([str(txt), str(jsonl)], out).built
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     again = subprocess.run(
-        [sys.executable, "-m", "charllm.dataprep", "--out", str(out), str(txt), str(jsonl)],
+        [sys.executable, "-m", "charllm.setup.dataprep", "--out", str(out), str(txt), str(jsonl)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -153,7 +153,7 @@ def test_bad_corpus_path_names_it(tmp_path):
     with pytest.raises(DataPrepError, match=str(missing)):
         prepare([str(missing)], tmp_path / "out")
     proc = subprocess.run(
-        [sys.executable, "-m", "charllm.dataprep", "--out", str(tmp_path / "o"), str(missing)],
+        [sys.executable, "-m", "charllm.setup.dataprep", "--out", str(tmp_path / "o"), str(missing)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -241,7 +241,7 @@ def test_ensure_dataset_runs_a_local_job_then_skips(runner, caplog):
     assert ds.n_tokens == m["tokens"] > 10_000 and m["documents"] > 20
     assert "charllm-dataprep:" in caplog.text and "built" in caplog.text  # the job's output tail is logged
     script = (Path(first["handle"]["workdir"]) / "job.sbatch").read_text()
-    assert "-m charllm.dataprep" in script and "corpus-000-distributed-training.txt" in script
+    assert "-m charllm.setup.dataprep" in script and "corpus-000-distributed-training.txt" in script
     second = runner.prepare_dataset()
     assert second["skipped"] and second["job_id"] == first["job_id"]
     assert time.monotonic() - t0 < 60
@@ -340,7 +340,7 @@ def test_slurm_dataset_job_renders_with_the_cluster_env_python(tmp_path):
     lc = load_campaign(p, include_dir() / "clusters")
     r = CampaignRunner(lc, catalog=Catalog(f"sqlite:///{tmp_path / 'cat.db'}"), home=tmp_path / "home")
     assert r.backend.name == "slurm" and r.data_home is None
-    from charllm.envsetup import DATA_CAMPAIGN, dataset_job
+    from charllm.setup.jobs import DATA_CAMPAIGN, dataset_job
 
     spec, key = dataset_job(r)
     assert spec.identity.campaign == DATA_CAMPAIGN and spec.identity.cell_id == f"data{key}"
@@ -349,7 +349,7 @@ def test_slurm_dataset_job_renders_with_the_cluster_env_python(tmp_path):
     s = spec.script
     ds_key = lc.campaign.dataset.key
     assert f'OUT="$HOME"/charllm-data/{ds_key}\n' in s
-    assert '"$HOME"/charllm-env/bin/python -m charllm.dataprep --tokenizer bytes --out "$OUT" ' in s
+    assert '"$HOME"/charllm-env/bin/python -m charllm.setup.dataprep --tokenizer bytes --out "$OUT" ' in s
     abs_word = shlex.quote("/abs/it's.jsonl")
     assert 'corpus-000-notes.jsonl "$HOME"/corpora/x.txt ' + abs_word + "\n" in s
     assert "#SBATCH --partition=debug" in s and f"#SBATCH --job-name=charllm.{DATA_CAMPAIGN}.data{key}.r0.a1" in s

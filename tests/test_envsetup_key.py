@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from charllm import envsetup
+from charllm.setup import jobs as envsetup
 from charllm.render import shell_path
 
 

@@ -871,7 +871,7 @@ def draw_all(
     if kernels is None:
         kernels = _read(tdir, "kernels")
     if references is None or schedule is None:
-        from charllm.reference import campaign_settings
+        from charllm.analysis.reference import campaign_settings
 
         refs, sched = campaign_settings(campaign)
         references = refs if references is None else references
@@ -886,7 +886,7 @@ def draw_all(
     with figure_note(note):
         paths = _draw(cells, steps, out_dir, campaign, summary, gpus, kernels, schedule, colors)
     if report:
-        from charllm.reference import check_references, write_report
+        from charllm.analysis.reference import check_references, write_report
 
         checks = check_references(references or [], cells)
         rp = write_report(out_dir, campaign, cells, checks, paths, gpus=gpus)

@@ -72,7 +72,7 @@ def dataset_dir(path: str | None, key: str | None, env: dict[str, str] | None = 
 
 
 class IndexedTokenSource:
-    """Micro batches of (inputs, targets) cut from a prepared indexed dataset (``charllm.dataprep``).
+    """Micro batches of (inputs, targets) cut from a prepared indexed dataset (``charllm.setup.dataprep``).
 
     The token stream of ``<dir>/tokens.bin`` (all documents back to back, end-of-document ids
     included) is memory-mapped; each row of micro batch ``index`` is a window of ``seq_len + 1``
@@ -95,7 +95,7 @@ class IndexedTokenSource:
 
         import numpy as np
 
-        from charllm.dataprep import PREFIX, IndexedTokens
+        from charllm.setup.dataprep import PREFIX, IndexedTokens
 
         self.ds = IndexedTokens(os.path.join(directory, PREFIX))
         try:

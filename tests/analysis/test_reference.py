@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from charllm.campaign import ReferenceBand
-from charllm.reference import campaign_settings, check_references, violations, write_report
+from charllm.analysis.reference import campaign_settings, check_references, violations, write_report
 
 HOT = "gpt3-1.3b-tp1pp1dp1-*"
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from charllm.backends.base import JobHandle, JobIdentity, JobSpec, JobState, JobStatus
 from charllm.errors import CharllmError, ConfigError, SubmitLimitError
-from charllm.outcomes import Action, Outcome
+from charllm.outcomes import Action, Outcome, judge
 from charllm.paths import include_dir
 from charllm.render import shell_path, templates
 from charllm.shell import q
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENV_CAMPAIGN = "charllm-env"
-_PKG = Path(__file__).resolve().parent
+_PKG = Path(__file__).resolve().parent.parent  # the charllm package
 LOCK_FILE = _PKG.parent / "requirements.lock"
 
 _SMOKE = (
@@ -193,14 +193,12 @@ def _submit_setup(runner: CampaignRunner, kind: str, spec: JobSpec) -> JobHandle
 
 
 def setup_after_end(runner: CampaignRunner, kind: str, handle: JobHandle, status: JobStatus) -> dict[str, Any]:
-    """Judge an ended setup job with the one state table (:func:`charllm.runner.judge`).
+    """Judge an ended setup job with the one state table (:func:`charllm.outcomes.judge`).
 
     Only ``ok`` counts as done (an out-of-memory environment job is a failure); a lost job
     (node failure, pre-emption, forgotten) is submitted again as the next attempt, within the
     job's attempt budget; anything else raises with the job's log tail.
     """
-    from charllm.runner import judge
-
     job = setup_job(runner, kind)
     attempt = handle.identity.attempt
     verdict = judge(status, attempt, job.max_attempts)
@@ -317,7 +315,7 @@ def dataset_job(runner: CampaignRunner, attempt: int = 1) -> tuple[JobSpec, str]
 def ensure_dataset(runner: CampaignRunner) -> dict[str, Any]:
     """Prepare the campaign's dataset: nothing for ``synthetic``; the dataset job for ``indexed``.
 
-    The dataset job (``python -m charllm.dataprep``, itself idempotent) is submitted through
+    The dataset job (``python -m charllm.setup.dataprep``, itself idempotent) is submitted through
     ``runner.backend`` (local or Slurm, same interface) under the identity
     ``charllm-data/data<key>`` and skipped when a job with the same key completed before.
     Unlike the install stage (a deferrable sensor), this waits **synchronously**, polling

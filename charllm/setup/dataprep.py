@@ -1,6 +1,6 @@
 """Dataset preparation: corpus -> byte-level tokens -> a Megatron-style indexed dataset.
 
-``python -m charllm.dataprep --out DIR CORPUS...`` reads the corpus (local paths on the
+``python -m charllm.setup.dataprep --out DIR CORPUS...`` reads the corpus (local paths on the
 machine it runs on; ``http(s)://`` URLs are fetched with urllib), tokenizes it with the
 byte-level tokenizer and writes ``DIR/tokens.bin``, ``DIR/tokens.idx`` and
 ``DIR/manifest.json``.
@@ -360,7 +360,7 @@ def prepare(corpus: Sequence[str], out: str | Path, tokenizer_name: str = "bytes
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m charllm.dataprep", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m charllm.setup.dataprep", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output directory (tokens.bin, tokens.idx, manifest.json)")
     ap.add_argument("--tokenizer", default="bytes", choices=TOKENIZERS)
     ap.add_argument("corpus", nargs="+", help="corpus files (.txt: one document a line; .jsonl: 'text' field)")
