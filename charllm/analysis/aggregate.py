@@ -77,11 +77,33 @@ def _flat_cell(cell: dict[str, Any]) -> dict[str, Any]:
         "global_batch": cell.get("global_batch"),
         "seq_len": cell.get("seq_len"),
         "opt_code": cell.get("opt_code"),
-        "recompute": opt.get("recompute"),
+        "recompute": recompute_mode(opt) != "none",
+        "recompute_mode": recompute_mode(opt),
         "overlap": opt.get("overlap"),
         "world_size": cell.get("world_size"),
         "gpu_type": cell.get("gpu_type"),
+        # the Kwai / PCIe knobs, at their defaults where a cell predates them
+        "pp_virtual": int(par.get("pp_virtual") or 1),
+        "recompute_layers": opt.get("recompute_layers"),
+        "offload_alpha": float(opt.get("offload_alpha") or 0.0),
+        "zero": int(opt.get("zero") or 0),
+        "cpu_offload": bool(opt.get("cpu_offload") or False),
+        "interconnect": str(opt.get("interconnect") or "native"),
     }
+
+
+def recompute_mode(opt: dict[str, Any]) -> str:
+    """The cell's recompute mode, none | selective | kwai | full, from a bool or a mode string.
+
+    A bool ``recompute`` (cells from before the modes) means full or none, ``recompute_granularity``
+    naming the mode where it is set.
+    """
+    r = opt.get("recompute")
+    if isinstance(r, str):
+        return r
+    if not r:
+        return "none"
+    return str(opt.get("recompute_granularity") or "full")
 
 
 def layout_label(row: Any) -> str:

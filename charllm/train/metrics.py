@@ -9,6 +9,14 @@ Definitions (units in the names):
 - samples_per_s = global_batch / step_time_median_s.
 - mfu = model_flops_per_token * tokens_per_s / (world * peak); hfu likewise with hardware
   FLOPs (only when recomputing). See :mod:`charllm.train.flops` for the formula.
+- mfu_causal: Megatron-Kwai's MFU, the attention FLOPs halved for the causal mask
+  (``causal_model_flops_per_token`` = 6 N + 6 L h s instead of 6 N + 12 L h s).
+- max_memory_allocated_step2_bytes: ``torch.cuda.max_memory_allocated`` read right after the
+  second training step (Kwai's Figure 7 quantity: the optimizer states exist from the end of
+  the first step on), the maximum over ranks; max_memory_allocated_bytes is the same at the end.
+- offload_bytes_per_step / offload_host_pinned_bytes (cells with ``offload_alpha`` > 0):
+  activation bytes copied to host memory per optimizer step, and the pinned host pool, the
+  maximum over ranks (written by the engine's activation offload).
 - energy_j: energy of all GPUs over the measured window, from the sampled board power
   ``power_w`` (trapezoid). NVML's board power covers the HBM as well; memory power is also
   reported on its own (``energy_mem_j``), not added again. energy_per_step_j = energy_j /
@@ -27,7 +35,13 @@ from typing import Any
 import numpy as np
 
 from charllm.modelcat import ModelShape
-from charllm.train.flops import hardware_flops_per_token, model_flops_per_token, peak_flops, utilisation
+from charllm.train.flops import (
+    causal_model_flops_per_token,
+    hardware_flops_per_token,
+    model_flops_per_token,
+    peak_flops,
+    utilisation,
+)
 
 STEP_COLUMNS = ("step", "phase", "start_unix_s", "end_unix_s", "duration_s", "loss", "tokens")
 
@@ -93,11 +107,15 @@ def step_metrics(
         "loss_first": records[0].loss,
         "loss_last": records[-1].loss,
         "model_flops_per_token": model_flops_per_token(shape, seq_len),
+        "causal_model_flops_per_token": causal_model_flops_per_token(shape, seq_len),
     }
     peak = peak_flops(gpu_type, precision)
     mfu = utilisation(out["model_flops_per_token"], out["tokens_per_s"], world_size, peak)
     if mfu is not None:
         out["mfu"] = mfu
+        out["mfu_causal"] = float(
+            utilisation(out["causal_model_flops_per_token"], out["tokens_per_s"], world_size, peak) or 0.0
+        )
         out["peak_flops_per_gpu"] = float(peak or 0.0)
     if recompute not in (False, "none"):
         hf = hardware_flops_per_token(shape, seq_len, recompute=recompute)

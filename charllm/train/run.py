@@ -44,6 +44,7 @@ from charllm.train.oom import classify_exception
 from charllm.train.warmup import WarmupMonitor
 
 FLOP_FORMULA = "6*N_active*T + 12*L*h*s*T (N_active: matmul weights a token passes, output layer included)"
+FLOP_FORMULA_CAUSAL = "6*N_active*T + 6*L*h*s*T (Megatron-Kwai's mfu_causal: attention halved for the causal mask)"
 
 
 def _log(msg: str) -> None:
@@ -69,6 +70,8 @@ class Job:
         self.started_unix_s = time.time()
         self.zeus_totals: dict[str, float] = {}
         self.zeus_note = "off"
+        # torch.cuda.max_memory_allocated right after the second step (Kwai's Figure 7 quantity)
+        self.mem_step2: int | None = None
 
     # ---- telemetry -----------------------------------------------------------------------
     def _start_sampler(self, device: Any) -> tuple[Any, Path, bool]:
@@ -149,6 +152,8 @@ class Job:
                 "max_memory_allocated_bytes": int(torch.cuda.max_memory_allocated(device)),
                 "max_memory_reserved_bytes": int(torch.cuda.max_memory_reserved(device)),
             }
+            if self.mem_step2 is not None:
+                mem["max_memory_allocated_step2_bytes"] = self.mem_step2
         window: list[Any] = [measure_window(records) if self.rank == 0 else None]
         dist.broadcast_object_list(window, src=0)
         t0, t1 = window[0]
@@ -210,6 +215,10 @@ class Job:
             loss_t = engine.step(step)
             engine.sync()
             local_s = time.time() - t_start
+            if step == 1 and is_gpu:
+                import torch
+
+                self.mem_step2 = int(torch.cuda.max_memory_allocated())
             slope = self._temp_slope(sampler, is_gpu)
             loss, step_max_s, slope_max = engine.reduce_step_stats(loss_t, local_s, slope)
             t_end = time.time()
@@ -298,8 +307,10 @@ class Job:
         mems = [g["memory"] for g in gathered]
         per_rank: dict[str, Any] = {}
         if any(mems):
-            for key in ("max_memory_allocated_bytes", "max_memory_reserved_bytes"):
+            for key in ("max_memory_allocated_bytes", "max_memory_reserved_bytes", "max_memory_allocated_step2_bytes"):
                 vals = [m.get(key) for m in mems]
+                if all(v is None for v in vals):
+                    continue
                 per_rank[key] = vals
                 metrics[key] = max(v for v in vals if v is not None)
         if is_gpu:
@@ -318,6 +329,7 @@ class Job:
             "measure_window_unix_s": list(measure_window(records)),
             "flops": {
                 "formula": FLOP_FORMULA,
+                "formula_causal": FLOP_FORMULA_CAUSAL,
                 "peak_flops_per_gpu": peak_flops(cell.gpu_type, cell.precision),
                 "peak_table": "charllm.train.flops.PEAK_FLOPS (dense bf16: h100 989e12, h200 989e12)",
             },
