@@ -17,6 +17,7 @@ missed), not an identity by construction.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
@@ -54,10 +55,10 @@ class EnergySeries:
             raise ValueError(f"{len(times)} times but {len(joules)} energy readings")
         if len(times) < 2:
             raise ValueError("an energy series needs at least two readings")
-        for a, b in zip(times, times[1:], strict=False):
+        for a, b in itertools.pairwise(times):
             if not b > a:
                 raise ValueError(f"energy series times must increase strictly ({a} then {b})")
-        for a, b in zip(joules, joules[1:], strict=False):
+        for a, b in itertools.pairwise(joules):
             if b < a:
                 raise ValueError(f"a cumulative energy counter cannot decrease ({a} J then {b} J)")
         self.times = [float(t) for t in times]
@@ -93,7 +94,7 @@ def check_no_overlap(rows: Sequence[Instruction]) -> None:
     for r in ordered:
         if r.end < r.start:
             raise ValueError(f"{r.instruction} of micro batch {r.micro_batch} (step {r.step}) ends before it starts")
-    for a, b in zip(ordered, ordered[1:], strict=False):
+    for a, b in itertools.pairwise(ordered):
         if b.start < a.end:
             raise ValueError(
                 f"{b.instruction} mb {b.micro_batch} (step {b.step}) starts at {b.start} before "
@@ -148,13 +149,17 @@ def stage_profile(
         a[1] += energy
         a[2] += 1
     out = []
-    for (stage, name, freq), (t, e, n) in sorted(acc.items(), key=lambda kv: (kv[0][0], kv[0][1] != "forward", -kv[0][2])):
+    for (stage, name, freq), (t, e, n) in sorted(
+        acc.items(), key=lambda kv: (kv[0][0], kv[0][1] != "forward", -kv[0][2])
+    ):
         out.append(ProfileRow(stage, name, freq, t / n, e / n, int(n), t))
     del min_window_s  # the threshold is applied by ProfileRow.trusted / write_stage_profile
     return out
 
 
-def write_stage_profile(rows: Sequence[ProfileRow], path: Path, min_window_s: float = MIN_WINDOW_S) -> dict[str, object]:
+def write_stage_profile(
+    rows: Sequence[ProfileRow], path: Path, min_window_s: float = MIN_WINDOW_S
+) -> dict[str, object]:
     """``stage_profile.csv`` (Zeus's schema) and ``stage_profile.json`` beside it (counts, windows).
 
     Returns the sidecar's content. Rows measured over less than ``min_window_s`` are written
@@ -170,7 +175,13 @@ def write_stage_profile(rows: Sequence[ProfileRow], path: Path, min_window_s: fl
         "schema": "zeus pipeline_frequency stage profile: " + ",".join(STAGE_PROFILE_COLUMNS),
         "min_window_s": min_window_s,
         "rows": [
-            {"stage": r.stage, "instruction": r.instruction, "frequency": r.frequency, "count": r.count, "window_s": r.window_s}
+            {
+                "stage": r.stage,
+                "instruction": r.instruction,
+                "frequency": r.frequency,
+                "count": r.count,
+                "window_s": r.window_s,
+            }
             for r in rows
         ],
         "short_windows": [

@@ -212,12 +212,12 @@ class GpuController:
             if saved.clocks_locked:
                 try:
                     nv.nvmlDeviceResetGpuLockedClocks(h)
-                except Exception as err:  # noqa: BLE001 - restore must try every device
+                except Exception as err:
                     self.log(f"GPU {idx}: resetting locked clocks failed: {err}")
             if saved.power_limit_mw is not None:
                 try:
                     nv.nvmlDeviceSetPowerManagementLimit(h, saved.power_limit_mw)
-                except Exception as err:  # noqa: BLE001
+                except Exception as err:
                     self.log(f"GPU {idx}: restoring the power limit failed: {err}")
         self._saved.clear()
         self._current_mhz = None

@@ -19,6 +19,7 @@ model's; ``energy_profiled`` recomputes each plan from the profile's own numbers
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -174,10 +175,10 @@ def frontier(
         seq = [(s, i, m) for i, m in onef1b_order(stages, micro_batches, s)]
         dag.add_edge(0, ids[seq[0]])
         dag.add_edge(ids[seq[-1]], sink)
-        for a, b in zip(seq, seq[1:], strict=False):
+        for a, b in itertools.pairwise(seq):
             dag.add_edge(ids[a], ids[b])
-    for key, node in ids.items():
-        dep = dependency(stages, key)
+    for ikey, node in ids.items():
+        dep = dependency(stages, ikey)
         if dep is not None:
             dag.add_edge(ids[dep], node)
     dag.graph["source_node"], dag.graph["sink_node"] = 0, sink

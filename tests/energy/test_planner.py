@@ -39,8 +39,10 @@ def test_min_iteration_time_and_intrinsic_saving_published_profile() -> None:
     rows = list(csv.reader((DATA / "gpt3-175b_bf16_mb12.csv").open()))[1:]
     t_min, e_at_min = min((float(t), float(e)) for t, e in rows)
     save = planner.saving(base.energy, e_at_min)
-    print(f"all-max: {base.time:.4f} s, {base.energy:.2f} J (idle {base.idle_s:.3f} GPU-s); frontier min {t_min} s "
-          f"{e_at_min:.2f} J; intrinsic saving {save:.2f} % (paper Table 6: 15.2 %)")
+    print(
+        f"all-max: {base.time:.4f} s, {base.energy:.2f} J (idle {base.idle_s:.3f} GPU-s); frontier min {t_min} s "
+        f"{e_at_min:.2f} J; intrinsic saving {save:.2f} % (paper Table 6: 15.2 %)"
+    )
     assert base.time == pytest.approx(2.818, rel=1e-3)
     assert t_min == pytest.approx(base.time, rel=1e-3)
     assert save == pytest.approx(15.2, abs=0.5)
@@ -58,9 +60,11 @@ def test_frontier_planner_small_row() -> None:
     # the slowest Pareto-optimal option of each instruction is its least-energy one
     least = {k: min(v.values(), key=lambda te: te[1]) for k, v in prof.items()}
     slow = planner.simulate(4, 4, lambda s, i, m: planner.quantise(least[(s, i)][0], 0.001))
-    print(f"{len(pts)} frontier points in {took:.1f} s: {pts[0].time:.3f} s {pts[0].energy:.1f} J -> "
-          f"{pts[-1].time:.3f} s {pts[-1].energy:.1f} J (profiled {pts[-1].energy_profiled:.1f} J); "
-          f"all-max {base.time:.3f} s {base.energy:.1f} J; saving {planner.saving(base.energy, pts[-1].energy_profiled):.2f} %")
+    print(
+        f"{len(pts)} frontier points in {took:.1f} s: {pts[0].time:.3f} s {pts[0].energy:.1f} J -> "
+        f"{pts[-1].time:.3f} s {pts[-1].energy:.1f} J (profiled {pts[-1].energy_profiled:.1f} J); "
+        f"all-max {base.time:.3f} s {base.energy:.1f} J; saving {planner.saving(base.energy, pts[-1].energy_profiled):.2f} %"
+    )
     assert pts[-1].time == pytest.approx(base.time, abs=1e-9)  # the fastest plan is as fast as all-max
     assert pts[0].time <= slow.time + 1e-9 and pts[0].time >= slow.time - 0.0015
     times = [p.time for p in pts]
