@@ -7,6 +7,7 @@ charllm run FILE [--cells GLOB]    run cells now through the campaign's backend 
 charllm status FILE                attempts and outcomes from the catalog
 charllm aggregate FILE             build the campaign's Parquet tables
 charllm figures FILE               draw the campaign's figures
+charllm table scaling FILE         the PCIe study's scaling table (Parquet + CSV) of the campaign's cells
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from charllm.analysis import tables_cli
 from charllm.campaign import check_unique_name, dedupe, discover, load_campaign, path_under
 from charllm.errors import CharllmError, ConfigError
 from charllm.paths import campaigns_dir
@@ -198,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "figures":
             p.add_argument("--run-id", default="cli")
         p.set_defaults(fn=fn)
+    tables_cli.register(sub)
     return ap
 
 
