@@ -20,6 +20,7 @@ from charllm.analysis import tables_cli
 from charllm.campaign import check_unique_name, dedupe, discover, load_campaign, path_under
 from charllm.errors import CharllmError, ConfigError
 from charllm.paths import campaigns_dir
+from charllm.predict import search_cli
 
 
 def _progress(i: int, n: int, what: str) -> None:
@@ -201,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--run-id", default="cli")
         p.set_defaults(fn=fn)
     tables_cli.register(sub)
+    search_cli.register(sub)
     return ap
 
 
