@@ -1,0 +1,319 @@
+"""``profile: layers``: forward/backward time and saved activations of every layer (torch engine).
+
+After the measured window the job runs ``opt.profile_steps`` more steps with CUDA events
+(``time.perf_counter`` on CPU) recorded by module hooks, and writes one
+:class:`charllm.predict.profile.LayerProfile` (``profiles/{gpu}_tp{tp}_mb{mb}.json``).
+
+How each number is taken, per micro batch (medians over the profiled steps' micro batches):
+
+- block ``i``: each block is wrapped for the profiled steps in an uncompiled :class:`_Timed`
+  module whose forward pre/post hooks mark its forward (a compiled block stays one graph: no
+  event inside it). Its backward runs from the moment the gradient of its output is ready to
+  the moment the gradient of its input is (tensor hooks); with recompute that includes the
+  replayed forward. ``saved_activation_bytes``: allocated bytes after minus before its first
+  forward (what it keeps for backward, its output included).
+- embedding: from the micro batch's start (a pre-hook on the model) to block 0's forward, and
+  from block 0's input gradient to the next micro batch (or the optimizer step): its backward,
+  the gradient accumulation and the data of the next micro batch.
+- head (final norm, output layer, loss): forward to the model's output (a post-hook), then
+  the loss and the head's backward until the last block's output gradient is ready;
+  ``saved_activation_bytes`` is the head's peak increase (logits, the float32 loss and its
+  gradient are the largest transient of the step).
+- optimizer step: optimizer pre/post step hooks. ``batch_time_s``: one micro batch whole.
+
+Parameter, gradient and optimizer bytes are what this rank holds per layer: fp32 master
+weights (+ bf16 compute copies with FSDP2 mixed precision), fp32 gradients, AdamW's two
+fp32 moments. Pipeline parallelism is refused (its schedule interleaves micro batches).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from charllm.predict.profile import LayerCost, LayerProfile
+
+
+class _Clock:
+    """CUDA events on a GPU, perf_counter on CPU; ``mark()`` returns a handle, ``span`` seconds."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.pool: list[Any] = []
+
+    def reserve(self, n: int) -> None:
+        """Create ``n`` events up front: a mark then costs one record, no allocation."""
+        if self.cuda:
+            self.pool.extend(torch.cuda.Event(enable_timing=True) for _ in range(n))
+
+    def mark(self) -> Any:
+        if self.cuda:
+            ev = self.pool.pop() if self.pool else torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def span(self, a: Any, b: Any) -> float:
+        if self.cuda:
+            return float(a.elapsed_time(b)) / 1e3
+        return float(b - a)
+
+
+class _Timed(nn.Module):
+    """Holds one block for the profiled steps; its hooks mark the block's forward."""
+
+    def __init__(self, block: nn.Module, index: int) -> None:
+        super().__init__()
+        self.block = block
+        self.index = index
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.block(x, *args, **kwargs)  # type: ignore[no-any-return]
+
+
+def _alloc(device: torch.device) -> int:
+    return int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else 0
+
+
+class LayerProfiler:
+    """Hooks on one engine's model for a few steps; :meth:`result` builds the profile."""
+
+    def __init__(self, engine: Any) -> None:
+        if getattr(engine, "schedule", None) is not None:
+            raise ValueError("profile: layers needs pp = 1 (a pipeline schedule interleaves micro batches)")
+        self.engine = engine
+        self.device: torch.device = engine.device
+        self.model: nn.Module = engine.stage_model
+        self.clock = _Clock(self.device)
+        self.handles: list[Any] = []
+        self.originals: dict[str, nn.Module] = {}
+        self.mb_marks: list[dict[str, Any]] = []  # one dict of marks per micro batch
+        self.opt_marks: list[tuple[Any, Any]] = []
+        self.mem: dict[str, list[int]] = defaultdict(list)
+        self._opt_start: Any = None
+        # memory probes (torch.cuda.memory_stats builds a dict per call) slow a launch-bound step:
+        # the first profiled step probes memory, the later ones are timed without probes
+        self.probe_memory = True
+
+    # ---- hooks ---------------------------------------------------------------------------
+    def _cur(self) -> dict[str, Any]:
+        return self.mb_marks[-1]
+
+    def _on(self, key: str) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            if self.mb_marks and key not in self._cur():
+                self._cur()[key] = self.clock.mark()
+
+        return hook
+
+    def _model_pre(self, _mod: nn.Module, _args: Any) -> None:
+        self.mb_marks.append({"mb_start": self.clock.mark(), "calls": defaultdict(int), "probe": self.probe_memory})
+        if self.probe_memory:
+            self._cur()["mem_start"] = _alloc(self.device)
+
+    def _model_post(self, _mod: nn.Module, _args: Any, _out: Any) -> None:
+        cur = self._cur()
+        cur["root_end"] = self.clock.mark()
+        if cur["probe"]:
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            cur["mem_head_base"] = _alloc(self.device)
+
+    def _block_pre(self, mod: nn.Module, args: Any) -> None:
+        cur = self._cur()
+        i = int(mod.index)  # type: ignore[arg-type]
+        cur["calls"][i] += 1
+        if cur["calls"][i] > 1:  # recompute replaying the forward inside backward
+            return
+        cur[f"f{i}"] = self.clock.mark()
+        if cur["probe"]:
+            cur[f"m{i}"] = _alloc(self.device)
+        x = args[0]
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            x.register_hook(lambda g, i=i: self._grad_mark(f"gi{i}", g))
+
+    def _block_post(self, mod: nn.Module, _args: Any, out: Any) -> None:
+        cur = self._cur()
+        i = int(mod.index)  # type: ignore[arg-type]
+        if cur["calls"][i] > 1:
+            return
+        cur[f"fe{i}"] = self.clock.mark()
+        if cur["probe"]:
+            cur[f"me{i}"] = _alloc(self.device)
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(lambda g, i=i: self._grad_mark(f"go{i}", g))
+
+    def _grad_mark(self, key: str, grad: torch.Tensor) -> None:
+        if self.mb_marks and key not in self._cur():
+            self._cur()[key] = self.clock.mark()
+            probe = self._cur()["probe"] and self.device.type == "cuda"
+            if probe and key.startswith("go") and "head_peak" not in self._cur():
+                self._cur()["head_peak"] = int(torch.cuda.max_memory_allocated(self.device))
+
+    def _opt_pre(self, *_: Any) -> None:
+        self._opt_start = self.clock.mark()
+
+    def _opt_post(self, *_: Any) -> None:
+        self.opt_marks.append((self._opt_start, self.clock.mark()))
+        if self.mb_marks:
+            self.mb_marks[-1]["next"] = self._opt_start
+
+    def __enter__(self) -> LayerProfiler:
+        layers = self.model.layers  # type: ignore[union-attr]
+        self.clock.reserve(64 * (6 * len(layers) + 8))
+        for key in list(layers.keys()):
+            block = layers[key]
+            self.originals[key] = block
+            timed = _Timed(block, int(key))
+            self.handles.append(timed.register_forward_pre_hook(self._block_pre))
+            self.handles.append(timed.register_forward_hook(self._block_post))
+            layers[key] = timed
+        self.handles.append(self.model.register_forward_pre_hook(self._model_pre))
+        self.handles.append(self.model.register_forward_hook(self._model_post))
+        opt = self.engine.optimizer
+        self.handles.append(opt.register_step_pre_hook(self._opt_pre))
+        self.handles.append(opt.register_step_post_hook(self._opt_post))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.handles:
+            h.remove()
+        layers = self.model.layers  # type: ignore[union-attr]
+        for key, block in self.originals.items():
+            layers[key] = block
+
+    # ---- the result ----------------------------------------------------------------------
+    def result(self, step_time_s: float = 0.0, max_memory_allocated_bytes: int = 0) -> LayerProfile:
+        """Medians over the recorded micro batches (call after the steps and a device sync)."""
+        cell = self.engine.cell
+        ids = sorted(int(k) for k in self.originals)
+        span = self.clock.span
+        # the next micro batch's start closes the previous one's embedding backward
+        for a, b in zip(self.mb_marks, self.mb_marks[1:], strict=False):
+            a.setdefault("next", b["mb_start"])
+        need = ["next", "root_end"] + [f"{k}{i}" for i in ids for k in ("f", "fe", "go", "gi")]
+        done = [m for m in self.mb_marks if all(k in m for k in need)]
+        probed = [m for m in done if m["probe"]]
+        mbs = [m for m in done if not m["probe"]] or probed  # one profiled step: its probed times
+        if not mbs or not probed:
+            raise RuntimeError("no complete micro batch was profiled")
+        first, last = ids[0], ids[-1]
+        cols: dict[str, list[float]] = defaultdict(list)
+        acts: dict[str, list[int]] = defaultdict(list)
+        for m in mbs:
+            cols["emb_f"].append(span(m["mb_start"], m[f"f{first}"]))
+            cols["emb_b"].append(span(m[f"gi{first}"], m["next"]))
+            cols["head_f"].append(span(m[f"fe{last}"], m["root_end"]))
+            cols["head_b"].append(span(m["root_end"], m[f"go{last}"]))
+            cols["batch"].append(span(m["mb_start"], m["next"]))
+            for i in ids:
+                cols[f"f{i}"].append(span(m[f"f{i}"], m[f"fe{i}"]))
+                cols[f"b{i}"].append(span(m[f"go{i}"], m[f"gi{i}"]))
+        for m in probed:
+            acts["emb"].append(m[f"m{first}"] - m["mem_start"])
+            if "head_peak" in m:
+                acts["head"].append(m["head_peak"] - m["mem_head_base"])
+            for i in ids:
+                acts[f"a{i}"].append(m[f"me{i}"] - m[f"m{i}"])
+
+        def med(key: str) -> float:
+            return float(statistics.median(cols[key]))
+
+        def amed(key: str) -> int:
+            v = acts.get(key) or [0]
+            return max(0, int(statistics.median(v)))
+
+        model = self.model
+        layers = [
+            self._cost("embedding", "embedding", med("emb_f"), med("emb_b"), amed("emb"), self._emb_params(model))
+        ]
+        for i in ids:
+            blk = self.originals[str(i)]
+            layers.append(
+                self._cost(f"block.{i}", "block", med(f"f{i}"), med(f"b{i}"), amed(f"a{i}"), list(blk.parameters()))
+            )
+        layers.append(self._cost("head", "head", med("head_f"), med("head_b"), amed("head"), self._head_params(model)))
+        opt_s = float(statistics.median(span(a, b) for a, b in self.opt_marks)) if self.opt_marks else 0.0
+        return LayerProfile(
+            gpu_type=cell.gpu_type,
+            tp=cell.parallel.tp,
+            micro_batch=cell.micro_batch,
+            seq_len=cell.seq_len,
+            precision=cell.precision,
+            recompute=(cell.opt.recompute_granularity if cell.opt.recompute else "none"),
+            compile=bool(cell.opt.compile),
+            engine=cell.engine,
+            model=cell.model,
+            layers=tuple(layers),
+            optimizer_step_s=opt_s,
+            batch_time_s=float(statistics.median(cols["batch"])),
+            step_time_s=step_time_s,
+            grad_accum=cell.grad_accum,
+            max_memory_allocated_bytes=max_memory_allocated_bytes,
+            source="measured",
+            provenance={
+                "cell_id": cell.cell_id,
+                "micro_batches_profiled": len(mbs),
+                "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+                "torch": torch.__version__,
+                "method": "charllm.train.layer_profile (CUDA events via module and tensor hooks)",
+                "params_dtype": "bf16 compute copies + fp32 master"
+                if getattr(self.engine, "bf16_params", False) or cell.parallel.fsdp
+                else "fp32",
+            },
+        )
+
+    def _emb_params(self, model: nn.Module) -> list[nn.Parameter]:
+        out: list[nn.Parameter] = []
+        for name in ("tok_emb", "pos_emb"):
+            mod = getattr(model, name, None)
+            if mod is not None:
+                out.extend(mod.parameters())
+        return out
+
+    def _head_params(self, model: nn.Module) -> list[nn.Parameter]:
+        out: list[nn.Parameter] = []
+        for name in ("norm", "output"):
+            mod = getattr(model, name, None)
+            if mod is not None:
+                out.extend(mod.parameters())
+        return out
+
+    def _cost(
+        self, name: str, kind: str, fwd_s: float, bwd_s: float, act: int, params: list[nn.Parameter]
+    ) -> LayerCost:
+        n = 0
+        for p in params:
+            local = p.to_local() if hasattr(p, "to_local") else p
+            n += int(local.numel())
+        mixed = bool(getattr(self.engine, "bf16_params", False) or self.engine.cell.parallel.fsdp)
+        master = 4  # fp32 master weights in both precisions
+        return LayerCost(
+            name=name,
+            kind=kind,
+            fwd_s=max(0.0, fwd_s),
+            bwd_s=max(0.0, bwd_s),
+            saved_activation_bytes=act,
+            params=n,
+            param_bytes=n * (master + (2 if mixed else 0)),
+            grad_bytes=n * 4,
+            optimizer_bytes=n * 8,
+        )
+
+
+def profile_layers(
+    engine: Any, first_step: int, steps: int, step_time_s: float = 0.0, max_mem: int = 0
+) -> LayerProfile:
+    """Run ``steps`` + 1 optimizer steps of ``engine`` under the hooks; return the profile."""
+    with LayerProfiler(engine) as prof:
+        for i in range(max(1, steps) + 1):  # the first step probes memory, the others are timed
+            prof.probe_memory = i == 0
+            engine.step(first_step + i)
+            engine.sync()
+    return prof.result(step_time_s, max_mem)
