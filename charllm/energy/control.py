@@ -229,3 +229,44 @@ def apply_request(ctl: GpuController, req: ControlRequest) -> None:
         ctl.set_power_limit(req.power_limit_w)
     if req.gpu_clock_mhz is not None:
         ctl.lock_clocks(req.gpu_clock_mhz)
+
+
+def request_of(extra: Mapping[str, Any]) -> tuple[Gate, ControlRequest]:
+    """The gate and request a job's cell carries (``gpu_control`` in its JSON; absent: nothing asked)."""
+    raw = extra.get("gpu_control") or {}
+    if not isinstance(raw, Mapping):
+        raise ValueError("gpu_control must be an object like {'clocks': 'deny', 'power_limit': 'deny', 'request': {}}")
+    gate = Gate(clocks=str(raw.get("clocks", "deny")), power_limit=str(raw.get("power_limit", "deny")))
+    return gate, ControlRequest.of(raw.get("request"))
+
+
+def job_skip_reason(extra: Mapping[str, Any]) -> str | None:
+    """Why the job must not run this cell (it ends ``skipped``), before it touches a GPU; None: run it."""
+    gate, req = request_of(extra)
+    why = skip_reason(gate, req)
+    if why is None and req.frequency_plan is not None:
+        why = (
+            "frequency_plan: per-instruction plans are computed by `charllm energy-plan` but this version's job "
+            "does not execute them yet (the controller's instruction hook is tested on a fake NVML only)"
+        )
+    return why
+
+
+def job_control(extra: Mapping[str, Any], local_rank: int, log: Callable[[str], None] = print) -> Any:
+    """A context manager applying the cell's global clock / power limit on this rank's GPU, restoring after.
+
+    A ``contextlib.nullcontext`` when the cell asks for nothing.
+    """
+    import contextlib
+
+    gate, req = request_of(extra)
+    if not req.any:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def ctl() -> Any:
+        with GpuController(gate, (local_rank,), log=log) as c:
+            apply_request(c, req)
+            yield c
+
+    return ctl()
