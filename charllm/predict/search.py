@@ -75,9 +75,9 @@ GPU_MEMORY_BYTES: dict[str, int] = {
 #: allocator fragmentation)
 DEFAULT_RESERVE_BYTES = 4 * GIB
 #: per-direction NVLink bandwidth a ring all-reduce reaches within a node (bytes/s): NVLink 4
-#: (H100, H200) is 450 GB/s per direction, NCCL's bus bandwidth about 370 GB/s of it; NVLink 3
-#: (A100) 300 and about 230
-NVLINK_BYTES_S: dict[str, float] = {"h100": 370e9, "h200": 370e9, "a100": 230e9, "cpu": 10e9}
+#: (H100, H200) is 450 GB/s per direction, NCCL's bus bandwidth about 360 GB/s of it (the time
+#: model's default too); NVLink 3 (A100) 300 and about 230
+NVLINK_BYTES_S: dict[str, float] = {"h100": 360e9, "h200": 360e9, "a100": 230e9, "cpu": 10e9}
 #: the seed's clusters have 100 Gb/s InfiniBand per node (include/clusters/h100-8x8.yaml)
 DEFAULT_NETWORK_BYTES_S = 100e9 / 8
 

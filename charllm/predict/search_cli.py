@@ -27,7 +27,7 @@ from charllm.errors import ConfigError
 from charllm.modelcat import ModelShape
 from charllm.paths import include_dir
 from charllm.predict.profile import LayerProfile, ProfileSet
-from charllm.predict.search import GIB, Plan, Pool, Problem, SearchResult, search
+from charllm.predict.search import DEFAULT_NETWORK_BYTES_S, GIB, Plan, Pool, Problem, SearchResult, search
 from charllm.predict.search_scenarios import roofline_profile
 from charllm.shell import is_safe_name
 
@@ -280,6 +280,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         if cluster.name in clusters:
             raise ConfigError(f"--cluster {arg}", "name", f"cluster {cluster.name!r} named twice")
         clusters[cluster.name] = cluster
+        # link bandwidths: the option, else the cluster profile's (when it has them), else the defaults
+        gbit = args.network_gbit or getattr(cluster, "inter_node_gbit_per_s", None) or DEFAULT_NETWORK_BYTES_S * 8 / 1e9
+        gbyte = getattr(cluster, "intra_node_gbyte_per_s", None)
         pools.append(
             Pool.of(
                 cluster.name,
@@ -287,7 +290,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                 gpus,
                 cluster.gpus_per_node,
                 reserve_bytes=int(args.reserve_gib * GIB),
-                network_bytes_s=args.network_gbit * 1e9 / 8,
+                network_bytes_s=float(gbit) * 1e9 / 8,
+                nvlink_bytes_s=None if gbyte is None else float(gbyte) * 1e9,
             )
         )
     try:
@@ -377,7 +381,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-stages", type=_pos_int(64), default=16)
     p.add_argument("--max-tp", type=_pos_int(64), default=8)
     p.add_argument("--max-group-sizes", type=_pos_int(8), default=2, help="different group sizes per cluster")
-    p.add_argument("--network-gbit", type=_pos_float(1e5), default=100.0, help="per-node network, Gb/s")
+    p.add_argument(
+        "--network-gbit",
+        type=_pos_float(1e5),
+        default=None,
+        help="per-node network, Gb/s (default: the cluster's, or 100)",
+    )
     p.add_argument("--reserve-gib", type=_pos_float(1024), default=4.0, help="memory the framework keeps per GPU")
     p.add_argument("--top", type=_pos_int(MAX_TOP), default=10)
     p.add_argument("--no-prune", action="store_true", help="evaluate every candidate (for comparison)")
