@@ -231,3 +231,54 @@ def test_cli_bad_input(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "Traceback" not in err
     for w in want:
         assert w in err, (w, err)
+
+
+def test_emitted_campaign_leaves_out_what_the_engine_refuses(tmp_path: Path) -> None:
+    """gpt3-125m has 12 heads: a tp-8 plan cannot run, the tp-4 one can; the file keeps only that."""
+    import argparse
+
+    from charllm import modelcat
+    from charllm.campaign import load_campaign, load_cluster
+    from charllm.paths import include_dir
+    from charllm.predict.search import Plan, StagePlan
+    from charllm.predict.search_cli import emit_campaigns
+
+    def plan(tp: int, cost: float) -> Plan:
+        st = StagePlan("h100-8x8", "h100", 8, 8 // tp, tp, 128 // (8 // tp) // 4, 0, 12, 1.0, 1 << 30)
+        return Plan(cost_s=cost, micro_batches=4, stages=(st,), bubble_s=0.0, p2p_s=0.0, sync_s=0.0)
+
+    cluster = load_cluster("h100-8x8", include_dir() / "clusters", "test")
+    args = argparse.Namespace(emit_max=8, campaign_name="t", connection_id=None, global_batch=128, seq_len=2048)
+    model = modelcat.get("gpt3-125m")
+    dest = tmp_path / "c.yaml"
+    lines = emit_campaigns(dest, [plan(8, 1.0), plan(4, 2.0)], {"h100-8x8": cluster}, model, None, args)
+    print(lines)
+    assert "1 plans left out: the engine refuses them" in lines[0]
+    lc = load_campaign(dest, check=False)
+    assert not lc.refused and [(c.parallel.tp, c.parallel.dp) for c in lc.cells] == [(4, 2)]
+    assert "*id" not in dest.read_text()  # no YAML aliases
+    # nothing runnable: no file
+    lines = emit_campaigns(tmp_path / "none.yaml", [plan(8, 1.0)], {"h100-8x8": cluster}, model, None, args)
+    assert "every homogeneous plan is refused" in lines[0] and not (tmp_path / "none.yaml").exists()
+
+
+def test_memo_only_where_memory_grows_with_the_micro_batch() -> None:
+    """The dominance memo assumes memory grows with the micro batch; a profile set where it does not is priced."""
+    from dataclasses import replace
+
+    from charllm.predict.search import _monotone
+
+    base = _toy_profile()
+    bigger = replace(
+        base,
+        micro_batch=2,
+        layers=tuple(replace(x, saved_activation_bytes=x.saved_activation_bytes * 2) for x in base.layers),
+    )
+    smaller = replace(base, micro_batch=2, layers=tuple(replace(x, saved_activation_bytes=0) for x in base.layers))
+    pool = Pool("p", "h100", 4, 4, 1000, nvlink_bytes_s=100.0, network_bytes_s=10.0)
+    for second, mono in ((bigger, {(0, 1)}), (smaller, set())):
+        prob = Problem((pool,), ProfileSet([base, second]), n_blocks=4, global_batch=8, seq_len=1, hidden=2)
+        assert _monotone(prob) == mono
+        full, pruned = search(prob, prune=False), search(prob, prune=True)
+        print(f"mono={mono}: unpruned {full.steps}, pruned {pruned.steps} steps, {len(full.ranked)} fit")
+        assert pruned.ranked == full.ranked and full.ranked

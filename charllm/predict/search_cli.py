@@ -67,6 +67,11 @@ def parse_cluster_arg(arg: str, search_dir: Path) -> tuple[ClusterProfile, int]:
     return cluster, gpus
 
 
+def tp_divides(model: ModelShape, tp: int) -> bool:
+    """Tensor parallelism splits heads, key/value heads and the MLP evenly (the engines' layout rule)."""
+    return model.n_heads % tp == 0 and model.kv_heads % tp == 0 and model.ffn_hidden % tp == 0
+
+
 def _check_profile(prof: LayerProfile, model: ModelShape, seq_len: int, source: str) -> None:
     """A profile priced for ``model`` must come from a model of the same width and sequence length."""
     for f in ("hidden", "n_heads", "ffn_hidden", "vocab_size", "n_kv_heads", "num_experts"):
@@ -109,7 +114,7 @@ def load_profiles(
     if directory is None or fill:
         for g in gpu_types:
             tp = 1
-            while tp <= 8:
+            while tp <= 8 and tp_divides(model, tp):
                 mb = 1
                 while mb <= global_batch:
                     if out.get(g, tp, mb) is None:
@@ -177,7 +182,10 @@ def _campaign_doc(
         return {"gpus": p.gpus, "tp": s0.tp, "pp": len(p.stages), "dp": s0.dp, "micro_batch": s0.micro_batch}
 
     best = point(plans[0])
-    model: Any = model_name if proxy is None else {"name": model_name, "proxy_layers": proxy}
+
+    def model() -> Any:  # a fresh value each time: no YAML anchors in the file
+        return model_name if proxy is None else {"name": model_name, "proxy_layers": proxy}
+
     return {
         "name": name,
         "description": (
@@ -187,14 +195,14 @@ def _campaign_doc(
         "cluster": cluster.model_dump(mode="json", exclude_none=True),
         "backend": "slurm",
         "connection_id": args.connection_id or f"charllm_{cluster.gpu_type}",
-        "model": model,
+        "model": model(),
         "engine": "megatron",
         "precision": "bf16",
         "dataset": {"kind": "synthetic"},
         "steps": 10,
         "tags": ["search"],
         "sweep": {
-            "model": [model],
+            "model": [model()],
             "gpus": [best["gpus"]],
             "tp": [best["tp"]],
             "pp": [best["pp"]],
@@ -208,11 +216,12 @@ def _campaign_doc(
 
 
 def emit_campaigns(
-    dest: Path, res: SearchResult, clusters: dict[str, ClusterProfile], model: ModelShape, proxy: int | None,
+    dest: Path, plans: Sequence[Plan], clusters: dict[str, ClusterProfile], model: ModelShape, proxy: int | None,
     args: argparse.Namespace,
 ) -> list[str]:  # fmt: skip
-    """Write one campaign per cluster with homogeneous plans (``dest`` for the best, ``stem-<cluster>`` for others)."""
-    plans = homogeneous_plans(res, MAX_EMIT * len(clusters))
+    """Write one campaign per cluster of ``plans`` (homogeneous, best first): ``dest`` for the
+    cluster of the best, ``<stem>-<cluster>.yaml`` beside it for the others. Plans the engine
+    refuses are left out (and said so); a campaign left with none is not written."""
     by_pool: dict[str, list[Plan]] = {}
     for p in plans:
         lst = by_pool.setdefault(p.stages[0].pool, [])
@@ -335,7 +344,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             print(line)
     if args.emit_campaign:
         proxy = args.layers if args.layers is not None and args.layers != modelcat.get(args.model).n_layers else None
-        for line in emit_campaigns(Path(args.emit_campaign), res, clusters, model, proxy, args):
+        plans = homogeneous_plans(res, MAX_EMIT * len(clusters))
+        for line in emit_campaigns(Path(args.emit_campaign), plans, clusters, model, proxy, args):
             print(line)
     print("heterogeneous plans are predictions only: charllm runs one GPU type per job")
     return 0
