@@ -33,7 +33,7 @@ the node's network share across nodes) plus its optimizer step.
 
 **Memory** (:func:`stage_capacity`): a stage holds its blocks' weights, gradients and optimizer
 state, and the saved activations of ``min(M, stages - position)`` micro batches in flight (1F1B);
-the usable memory is the GPU's capacity less a framework reserve.
+what fits follows the memory model's rule (:func:`usable_bytes`).
 
 **Memory-first pruning** (``prune=True``): strategies are fixed class by class; as soon as a
 class's strategy is chosen its stages' block capacity is known, and if they, plus the best any
@@ -59,21 +59,24 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from charllm.errors import ConfigError
+from charllm.predict import memory as memmodel
 from charllm.predict.profile import LayerCost, LayerProfile, ProfileSet
 
 GIB = 1 << 30
 
-#: usable device memory per GPU type (bytes torch can allocate on an idle GPU: 80 GB HBM3 on an
-#: H100 SXM reads 79.1 GiB in torch.cuda.mem_get_info, 141 GB HBM3e on an H200 139.8 GiB)
-GPU_MEMORY_BYTES: dict[str, int] = {
-    "h100": int(79.1 * GIB),
-    "h200": int(139.8 * GIB),
-    "a100": int(79.1 * GIB),
-    "cpu": 64 * GIB,
-}
-#: what the framework keeps beyond the tensors the profile counts (CUDA context, NCCL buffers,
-#: allocator fragmentation)
-DEFAULT_RESERVE_BYTES = 4 * GIB
+#: the card's memory per GPU type, and what fits in it: the memory model's rule
+#: (:mod:`charllm.predict.memory`, the same as ``plan --predict``): the card less the framework's
+#: reserve, with the allocator's fragmentation on top of the peak
+GPU_MEMORY_BYTES: dict[str, int] = dict(memmodel.CARD_BYTES)
+
+
+def usable_bytes(gpu_type: str, reserve_bytes: int | None = None) -> int:
+    """Bytes of tensors a GPU holds: the memory model's capacity over its fragmentation factor,
+    or with ``reserve_bytes``, the card less that reserve (and the same fragmentation)."""
+    cap = memmodel.capacity_bytes(gpu_type) if reserve_bytes is None else GPU_MEMORY_BYTES[gpu_type] - reserve_bytes
+    return int(cap / (1 + memmodel.FRAGMENTATION))
+
+
 #: per-direction NVLink bandwidth a ring all-reduce reaches within a node (bytes/s): NVLink 4
 #: (H100, H200) is 450 GB/s per direction, NCCL's bus bandwidth about 360 GB/s of it (the time
 #: model's default too); NVLink 3 (A100) 300 and about 230
@@ -120,7 +123,7 @@ class Pool:
         gpus: int,
         gpus_per_node: int,
         *,
-        reserve_bytes: int = DEFAULT_RESERVE_BYTES,
+        reserve_bytes: int | None = None,
         network_bytes_s: float = DEFAULT_NETWORK_BYTES_S,
         nvlink_bytes_s: float | None = None,
     ) -> Pool:
@@ -131,7 +134,7 @@ class Pool:
             gpu_type=gpu_type,
             gpus=gpus,
             gpus_per_node=gpus_per_node,
-            memory_bytes=GPU_MEMORY_BYTES[gpu_type] - reserve_bytes,
+            memory_bytes=usable_bytes(gpu_type, reserve_bytes),
             nvlink_bytes_s=NVLINK_BYTES_S[gpu_type] if nvlink_bytes_s is None else nvlink_bytes_s,
             network_bytes_s=network_bytes_s,
         )

@@ -298,7 +298,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                 cluster.gpu_type,
                 gpus,
                 cluster.gpus_per_node,
-                reserve_bytes=int(args.reserve_gib * GIB),
+                reserve_bytes=None if args.reserve_gib is None else int(args.reserve_gib * GIB),
                 network_bytes_s=float(gbit) * 1e9 / 8,
                 nvlink_bytes_s=None if gbyte is None else float(gbyte) * 1e9,
             )
@@ -397,7 +397,12 @@ def register(subparsers: Any) -> None:
         default=None,
         help="per-node network, Gb/s (default: the cluster's, or 100)",
     )
-    p.add_argument("--reserve-gib", type=_pos_float(1024), default=4.0, help="memory the framework keeps per GPU")
+    p.add_argument(
+        "--reserve-gib",
+        type=_pos_float(1024),
+        default=None,
+        help="memory the framework keeps per GPU (default: 1.5 GB)",
+    )
     p.add_argument("--top", type=_pos_int(MAX_TOP), default=10)
     p.add_argument("--no-prune", action="store_true", help="evaluate every candidate (for comparison)")
     p.add_argument("--emit-campaign", default=None, metavar="FILE", help="write the homogeneous plans as a campaign")
