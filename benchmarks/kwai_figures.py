@@ -1,0 +1,193 @@
+"""Kwai figures and tables from the one-H200 run of ``benchmarks/kwai_remat_gpu.py``.
+
+Reads the run's ``sweep.json`` (recompute mode x alpha: peak memory over two optimizer steps
+with the AdamW state present, i.e. ``max_memory_allocated`` after the second step; offloaded
+and PCIe bytes; outcome), ``compare.json`` (``full`` at alpha 0 and ``kwai`` at its smallest
+fitting alpha, fresh engines from the same seed, 20 steps) and the campaign's ``cells.json``,
+and writes with :mod:`charllm.analysis.figures_kwai`:
+
+- ``memory_alpha.{png,pdf,csv}``: memory against alpha per recompute mode, OOM hatched, fit + R^2;
+- ``kwai_table.{png,pdf,csv,md}``: Kwai's table (method, tokens/s/GPU, MFU as Kwai counts it
+  and ours, max memory): ``none`` at alpha 0 from the sweep, ``full`` and ``kwai`` from the
+  comparison runs (median step after the first three);
+- ``sweep_table.{csv,md}``: every swept cell (memory, offloaded GiB per step, PCIe TX over
+  offloaded bytes);
+- ``numbers.json``: the numbers quoted in ``README.md``.
+
+Usage: ``python benchmarks/kwai_figures.py --run RUN_DIR_OR_TGZ --cells docs/gpu/kwai-remat-1gpu/cells.json --out docs/kwai``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from charllm.analysis import figures_kwai as fk  # noqa: E402
+from charllm.analysis.aggregate import layout_label  # noqa: E402
+from charllm.modelcat import ModelShape  # noqa: E402
+from charllm.train.flops import causal_model_flops_per_token, model_flops_per_token, peak_flops  # noqa: E402
+
+
+def _find(root: Path, name: str) -> Path | None:
+    hits = sorted(root.rglob(name))
+    return hits[0] if hits else None
+
+
+def _cell_info(cells: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for c in cells:
+        par = c.get("parallel", {})
+        out[c["name"]] = {
+            "model": c["model"]["name"],
+            "shape": ModelShape(**c["model"]),
+            "seq_len": c["seq_len"],
+            "global_batch": c["global_batch"],
+            "world_size": c.get("world_size", 1),
+            "gpu_type": c.get("gpu_type", "h200"),
+            "precision": c.get("precision", "bf16"),
+            "layout": layout_label(par),
+        }
+    return out
+
+
+def _perf(info: dict[str, Any], step_s: list[float], skip: int) -> dict[str, float]:
+    """tokens/s/GPU from the median step after ``skip``, and MFU as Kwai and as we count it."""
+    steps = step_s[skip:] or step_s
+    if not steps:
+        return {}
+    med = statistics.median(steps)
+    tok = info["global_batch"] * info["seq_len"] / med / info["world_size"]
+    peak = peak_flops(info["gpu_type"], info["precision"]) or math.nan
+    shape, s = info["shape"], info["seq_len"]
+    return {
+        "step_time_median_s": med,
+        "tokens_per_s_per_gpu": tok,
+        "mfu_causal": causal_model_flops_per_token(shape, s) * tok / peak,
+        "mfu": model_flops_per_token(shape, s) * tok / peak,
+    }
+
+
+def sweep_summary(rows: list[dict[str, Any]], info: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    recs = []
+    for r in rows:
+        i = info[r["cell"]]
+        rec: dict[str, Any] = {
+            "cell_name": r["cell"],
+            "model": i["model"],
+            "seq_len": i["seq_len"],
+            "layout": i["layout"],
+            "recompute_mode": r["recompute"],
+            "offload_alpha": float(r["alpha"]),
+            "outcome": r["outcome"],
+            "error": r.get("error"),
+        }
+        if r["outcome"] == "ok":
+            rec["max_memory_allocated_step2_bytes"] = float(r["max_memory_allocated_bytes"])
+            off = r.get("offload") or []
+            if off:
+                rec["offload_bytes_per_step"] = float(off[-1][0])
+            rec["pcie_tx_over_offload"] = r.get("pcie_tx_over_offload")
+            rec.update(_perf(i, r.get("step_s") or [], 1))
+        recs.append(rec)
+    return pd.DataFrame(recs)
+
+
+def compare_summary(
+    compare: dict[str, Any], sweep: pd.DataFrame, info: dict[str, dict[str, Any]]
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Kwai's table rows: none at alpha 0 (sweep), full and kwai (comparison runs)."""
+    recs, extra = [], {}
+    none0 = sweep[(sweep["recompute_mode"] == "none") & (sweep["offload_alpha"] == 0.0)]
+    if not none0.empty:
+        recs.append(none0.iloc[0].to_dict())
+    for key in ("full", "kwai"):
+        r = compare.get(key) or {}
+        if r.get("outcome") != "ok":
+            continue
+        i = info[r["cell"]]
+        sw = sweep[sweep["cell_name"] == r["cell"]].iloc[0]
+        rec = {
+            "cell_name": r["cell"],
+            "model": i["model"],
+            "seq_len": i["seq_len"],
+            "layout": i["layout"],
+            "recompute_mode": sw["recompute_mode"],
+            "offload_alpha": float(sw["offload_alpha"]),
+            "outcome": "ok",
+            "max_memory_allocated_step2_bytes": float(r["max_memory_allocated_bytes"]),
+            "loss_last": float(r["losses"][-1]),
+            **_perf(i, r["step_s"], 3),
+        }
+        recs.append(rec)
+        extra[key] = {"losses": r["losses"], "cell": r["cell"]}
+    if "full" in extra and "kwai" in extra:
+        a, b = extra["full"]["losses"], extra["kwai"]["losses"]
+        extra["max_rel_loss_diff"] = max(abs(x - y) / abs(x) for x, y in zip(a, b, strict=False))
+    return pd.DataFrame(recs), extra
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", required=True, help="the run's output folder or a .tar.gz of it")
+    ap.add_argument("--cells", required=True)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    run = Path(args.run)
+    with tempfile.TemporaryDirectory() as tmp:
+        if run.is_file():
+            with tarfile.open(run) as tf:
+                tf.extractall(tmp, filter="data")
+            run = Path(tmp)
+        sweep_p, compare_p = _find(run, "sweep.json"), _find(run, "compare.json")
+        if sweep_p is None:
+            print(f"no sweep.json under {args.run}", file=sys.stderr)
+            return 1
+        rows = json.loads(sweep_p.read_text())
+        compare = json.loads(compare_p.read_text()) if compare_p else {}
+    info = _cell_info(json.loads(Path(args.cells).read_text()))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sweep = sweep_summary(rows, info)
+    title = f"{sweep['model'].iloc[0]} s={sweep['seq_len'].iloc[0]}, one H200"
+    paths = fk.memory_alpha_figure(sweep, out, f"{title}: memory after step 2 against offload fraction")
+    table = fk.kwai_table(sweep)
+    table["pcie_tx_over_offload"] = sweep.set_index("cell_name").loc[table["cell_name"], "pcie_tx_over_offload"].values
+    table.to_csv(out / "sweep_table.csv", index=False)
+    (out / "sweep_table.md").write_text(fk.kwai_table_markdown(table))
+    numbers: dict[str, Any] = {"fits": {}}
+    fit = pd.read_csv(out / "memory_alpha.csv")
+    for mode, g in fit.groupby("recompute_mode"):
+        numbers["fits"][mode] = {
+            "r2": float(g["fit_r2"].iloc[0]),
+            "slope_gib_per_alpha": float(g["fit_slope_per_alpha"].iloc[0]),
+            "ok_alphas": sorted(g.loc[g["outcome"] == "ok", "offload_alpha"].tolist()),
+            "oom_alphas": sorted(g.loc[g["outcome"] != "ok", "offload_alpha"].tolist()),
+        }
+    ratios = [float(x) for x in sweep.get("pcie_tx_over_offload", pd.Series(dtype=float)).dropna()]
+    numbers["pcie_tx_over_offload_min"] = min(ratios) if ratios else None
+    if compare:
+        comp, extra = compare_summary(compare, sweep, info)
+        paths += fk.kwai_table_figure(comp, out, f"{title}: recompute modes")
+        kt = pd.read_csv(out / "kwai_table.csv")
+        numbers["kwai_table"] = kt.to_dict("records")
+        numbers["max_rel_loss_diff"] = extra.get("max_rel_loss_diff")
+    (out / "numbers.json").write_text(json.dumps(numbers, indent=1, default=str) + "\n")
+    for p in [*paths, out / "sweep_table.csv", out / "sweep_table.md", out / "numbers.json"]:
+        print(p)
+    print(json.dumps(numbers, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
