@@ -33,10 +33,10 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from charllm.analysis import figures_kwai as fk  # noqa: E402
-from charllm.analysis.aggregate import layout_label  # noqa: E402
-from charllm.modelcat import ModelShape  # noqa: E402
-from charllm.train.flops import causal_model_flops_per_token, model_flops_per_token, peak_flops  # noqa: E402
+from charllm.analysis import figures_kwai as fk
+from charllm.analysis.aggregate import layout_label
+from charllm.modelcat import ModelShape
+from charllm.train.flops import causal_model_flops_per_token, model_flops_per_token, peak_flops
 
 
 def _find(root: Path, name: str) -> Path | None:
