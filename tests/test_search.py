@@ -282,3 +282,33 @@ def test_memo_only_where_memory_grows_with_the_micro_batch() -> None:
         full, pruned = search(prob, prune=False), search(prob, prune=True)
         print(f"mono={mono}: unpruned {full.steps}, pruned {pruned.steps} steps, {len(full.ranked)} fit")
         assert pruned.ranked == full.ranked and full.ranked
+
+
+def test_search_prices_the_recorded_h200_cells() -> None:
+    """Replay: the profiles recorded on one H200 (docs/gpu/predict-h200-run*.json, GPT-3 1.3B and a
+    2-block Llama-3 8B, micro batch 1-8, no recompute). On a pool of that one GPU the search's only
+    plan is the recorded cell (dp 1, tp 1, M = global / micro batch); its cost must be the measured
+    median step time within 15 % and its memory the measured peak within 10 %."""
+    repo = Path(__file__).resolve().parent.parent
+    ratios = []
+    for run in (1, 2):
+        rec = json.loads((repo / "docs" / "gpu" / f"predict-h200-run{run}.json").read_text())
+        for cell in rec["sweep"] + rec["llama"]:
+            if cell["recompute"]:
+                continue
+            prof = LayerProfile.from_dict(cell["profile"], f"predict-h200-run{run}.json: {cell['name']}")
+            prob = Problem(
+                pools=(Pool.of("h200", "h200", 1, 8),), profiles=ProfileSet([prof]), n_blocks=prof.n_layers,
+                global_batch=cell["global_batch"], seq_len=prof.seq_len, hidden=prof.model.hidden,
+            )  # fmt: skip
+            res = search(prob)
+            assert len(res.ranked) == 1
+            best = res.best
+            assert best is not None and best.micro_batches == cell["global_batch"] // cell["micro_batch"]
+            t = best.cost_s / cell["step_time_median_s"]
+            m = best.stages[0].memory_bytes / cell["max_memory_allocated_bytes"]
+            ratios.append(t)
+            print(f"run{run} {cell['name']}: step {best.cost_s:.4f} / {cell['step_time_median_s']:.4f} s = {t:.3f}, "
+                  f"memory {m:.3f}")  # fmt: skip
+            assert 0.85 <= t <= 1.15 and 0.90 <= m <= 1.10, cell["name"]
+    assert len(ratios) == 12

@@ -397,14 +397,24 @@ def divisors(n: int) -> list[int]:
 # -- memory and cost -------------------------------------------------------------------------
 
 
-def stage_capacity(u: Unit, memory_bytes: int, in_flight: int, first: bool, last: bool, n_blocks: int) -> int:
-    """How many blocks a stage can hold (0: not even one), at most ``n_blocks``."""
+def _stage_bytes(u: Unit, in_flight: int, first: bool, last: bool, accum: bool) -> tuple[int, int]:
+    """(fixed bytes, bytes per block) of a stage. Gradients count only when a step accumulates
+    several micro batches: with one, they appear as the backward frees the activations (the
+    memory model's rule, :mod:`charllm.predict.memory`)."""
+    g = 0 if accum else 1
     fixed = 0
     if first:
-        fixed += u.emb_state + in_flight * u.emb_act
+        fixed += u.emb_state - g * u.emb_grad + in_flight * u.emb_act
     if last:
-        fixed += u.head_state + in_flight * u.head_act
-    per = u.block_state + in_flight * u.block_act
+        fixed += u.head_state - g * u.head_grad + in_flight * u.head_act
+    return fixed, u.block_state - g * u.block_grad + in_flight * u.block_act
+
+
+def stage_capacity(
+    u: Unit, memory_bytes: int, in_flight: int, first: bool, last: bool, n_blocks: int, accum: bool = True
+) -> int:
+    """How many blocks a stage can hold (0: not even one), at most ``n_blocks``; ``accum``: M > 1."""
+    fixed, per = _stage_bytes(u, in_flight, first, last, accum)
     room = memory_bytes - fixed
     if room < per:
         return 0
@@ -413,13 +423,9 @@ def stage_capacity(u: Unit, memory_bytes: int, in_flight: int, first: bool, last
     return min(n_blocks, room // per)
 
 
-def stage_memory(u: Unit, blocks: int, in_flight: int, first: bool, last: bool) -> int:
-    mem = blocks * (u.block_state + in_flight * u.block_act)
-    if first:
-        mem += u.emb_state + in_flight * u.emb_act
-    if last:
-        mem += u.head_state + in_flight * u.head_act
-    return mem
+def stage_memory(u: Unit, blocks: int, in_flight: int, first: bool, last: bool, accum: bool = True) -> int:
+    fixed, per = _stage_bytes(u, in_flight, first, last, accum)
+    return fixed + blocks * per
 
 
 def _fixed_s(u: Unit, first: bool, last: bool) -> float:
@@ -528,14 +534,14 @@ class _Space:
                     for i in members:
                         f = min(m, n_st - i)
                         first, last = i == 0, i == n_st - 1
-                        if memo is not None and memo.fails(pi, tp, first, last, mb, f):
+                        if memo is not None and memo.fails(pi, tp, first, last, m > 1, mb, f):
                             cap = 0
                         else:
-                            cap = stage_capacity(u, pool.memory_bytes, f, first, last, prob.n_blocks)
+                            cap = stage_capacity(u, pool.memory_bytes, f, first, last, prob.n_blocks, m > 1)
                             if cap == 0:
                                 fresh = True
                                 if memo is not None:
-                                    memo.add(pi, tp, first, last, mb, f)
+                                    memo.add(pi, tp, first, last, m > 1, mb, f)
                         coef = 2.0 * (dp - 1) / dp / shape.dp_bytes_s[i] if dp > 1 else 0.0
                         gfix = (u.emb_grad if first else 0) + (u.head_grad if last else 0)
                         ofix = (u.emb_opt_s if first else 0.0) + (u.head_opt_s if last else 0.0)
@@ -579,25 +585,25 @@ class _Space:
 
 
 class _Memo:
-    """Stages known not to hold a single block: (pool, tp, first, last) -> [(micro batch, in flight)]."""
+    """Stages known not to hold a single block: (pool, tp, first, last, accumulating) -> [(micro batch, in flight)]."""
 
     def __init__(self, mono: set[tuple[int, int]]) -> None:
         self.mono = mono
-        self.failed: dict[tuple[int, int, bool, bool], list[tuple[int, int]]] = {}
+        self.failed: dict[tuple[int, int, bool, bool, bool], list[tuple[int, int]]] = {}
         self.hits = 0
 
-    def fails(self, pi: int, tp: int, first: bool, last: bool, mb: int, f: int) -> bool:
+    def fails(self, pi: int, tp: int, first: bool, last: bool, accum: bool, mb: int, f: int) -> bool:
         if (pi, tp) not in self.mono:
             return False
-        for mb0, f0 in self.failed.get((pi, tp, first, last), ()):
+        for mb0, f0 in self.failed.get((pi, tp, first, last, accum), ()):
             if mb >= mb0 and f >= f0:
                 self.hits += 1
                 return True
         return False
 
-    def add(self, pi: int, tp: int, first: bool, last: bool, mb: int, f: int) -> None:
+    def add(self, pi: int, tp: int, first: bool, last: bool, accum: bool, mb: int, f: int) -> None:
         if (pi, tp) in self.mono:
-            self.failed.setdefault((pi, tp, first, last), []).append((mb, f))
+            self.failed.setdefault((pi, tp, first, last, accum), []).append((mb, f))
 
 
 #: a plan's identity in a search: (shape index, micro batches, each class's strategy index)
@@ -696,7 +702,12 @@ def search(prob: Problem, prune: bool = True) -> SearchResult:
     )
 
 
-_MEM_FIELDS = ("block_state", "block_act", "emb_state", "emb_act", "head_state", "head_act")
+def _memory_terms(u: Unit) -> tuple[int, ...]:
+    """Every byte count a stage's memory adds, with and without gradients."""
+    return (
+        u.block_act, u.emb_act, u.head_act, u.block_state, u.emb_state, u.head_state,
+        u.block_state - u.block_grad, u.emb_state - u.emb_grad, u.head_state - u.head_grad,
+    )  # fmt: skip
 
 
 def _monotone(prob: Problem) -> set[tuple[int, int]]:
@@ -706,13 +717,8 @@ def _monotone(prob: Problem) -> set[tuple[int, int]]:
     for pi, pool in enumerate(prob.pools):
         for tp in sorted({k[1] for k in keys if k[0] == pool.gpu_type}):
             units = [prob.unit(pi, tp, mb) for mb in sorted(k[2] for k in keys if k[:2] == (pool.gpu_type, tp))]
-            ok = all(
-                getattr(a, f) <= getattr(b, f)
-                for a, b in itertools.pairwise(units)
-                if a is not None and b is not None
-                for f in _MEM_FIELDS
-            )
-            if ok:
+            terms = [_memory_terms(u) for u in units if u is not None]
+            if all(x <= y for a, b in itertools.pairwise(terms) for x, y in zip(a, b, strict=True)):
                 out.add((pi, tp))
     return out
 
@@ -755,7 +761,7 @@ def plan_of(prob: Problem, shape: Shape, m: int, choice: Sequence[int]) -> Plan:
                 first_block=first_block,
                 blocks=ks[i],
                 time_s=stage_s[i],
-                memory_bytes=stage_memory(u, ks[i], f, i == 0, i == n_st - 1),
+                memory_bytes=stage_memory(u, ks[i], f, i == 0, i == n_st - 1, m > 1),
             )
         )
         first_block += ks[i]
