@@ -223,8 +223,12 @@ def head_coefficient(profile: LayerProfile | None = None) -> float:
     return HEAD_BYTES_PER_LOGIT
 
 
-def estimate(q: MemoryQuery, profile: LayerProfile | None = None) -> MemoryEstimate:
-    """The predicted peak of the worst rank (every pipeline stage is tried)."""
+def estimate(q: MemoryQuery, profile: LayerProfile | None = None, first_step: bool = False) -> MemoryEstimate:
+    """The predicted peak of the worst rank (every pipeline stage is tried).
+
+    ``first_step``: the peak of the first optimizer step alone (AdamW's state is allocated by
+    that step, after the peak), as a one-step probe such as an OOM sweep sees it.
+    """
     shape = q.model
     tokens = q.micro_batch * q.seq_len / max(1, q.cp)
     c = act_coefficient(q, profile)
@@ -238,7 +242,7 @@ def estimate(q: MemoryQuery, profile: LayerProfile | None = None) -> MemoryEstim
     for stage in range(q.pp):
         layers = base + (1 if stage < rem else 0)
         n = stage_params(q, stage)
-        weights, grads, opt = n * w_pp, (n * g_pp if accum > 1 else 0.0), n * o_pp
+        weights, grads, opt = n * w_pp, (n * g_pp if accum > 1 else 0.0), (0.0 if first_step else n * o_pp)
         if q.pp == 1:
             inflight = 1.0
         elif q.pp_schedule == "gpipe":

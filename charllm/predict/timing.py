@@ -42,7 +42,7 @@ RECOMPUTE_EFF_GAIN = 1.15  # a replayed forward runs at a higher rate than the b
 MOE_EFF = 0.65  # MoE dispatch (megatron Mixtral 8x7B proxy, recorded)
 #: host seconds per layer and micro batch (kernel launches), (engine, compiled, recompute)
 HOST_S_PER_LAYER: dict[tuple[str, bool, str], float] = {
-    ("torch", False, "none"): 3.0e-3,
+    ("torch", False, "none"): 2.85e-3,
     ("torch", False, "full"): 6.5e-3,
     ("torch", False, "selective"): 4.0e-3,
     ("torch", False, "kwai"): 5.0e-3,
@@ -186,8 +186,9 @@ def predict_step(q: MemoryQuery, profiles: ProfileSet | None = None, links: Link
     for s, n in enumerate(stages):
         first, last = s == 0, s == q.pp - 1
         if prof is not None:
-            t = _mb_compute_profile(q, prof, n, first, last)
-            busy = t
+            busy = _mb_compute_profile(q, prof, n, first, last)
+            # a profile taken on a faster host does not beat this job's kernel-launch floor
+            t = max(busy, (n + (1 if last else 0)) * host_s_per_layer(q))
         else:
             t, busy = _mb_compute_roofline(q, n, first, last)
         # TP: 4 all-reduces of the micro batch's activations per layer (2 forward, 2 backward)

@@ -165,7 +165,7 @@ class LayerProfiler:
             self.mb_marks[-1]["next"] = self._opt_start
 
     def __enter__(self) -> LayerProfiler:
-        layers = self.model.layers  # type: ignore[union-attr]
+        layers: Any = self.model.layers
         self.clock.reserve(64 * (6 * len(layers) + 8))
         for key in list(layers.keys()):
             block = layers[key]
@@ -184,7 +184,7 @@ class LayerProfiler:
     def __exit__(self, *exc: Any) -> None:
         for h in self.handles:
             h.remove()
-        layers = self.model.layers  # type: ignore[union-attr]
+        layers: Any = self.model.layers
         for key, block in self.originals.items():
             layers[key] = block
 
@@ -317,3 +317,16 @@ def profile_layers(
             engine.step(first_step + i)
             engine.sync()
     return prof.result(step_time_s, max_mem)
+
+
+def profile_in_job(engine: Any, first_step: int, steps: int, out_dir: Any, step_time_s: float) -> Any:
+    """``profile: layers`` in the job: every rank runs the profiled steps; dp/tp rank 0 writes
+    ``out_dir/profiles/{gpu}_tp{tp}_mb{mb}.json``. Returns the path written (None elsewhere)."""
+    from pathlib import Path
+
+    dev = engine.device
+    mem = int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else 0
+    prof = profile_layers(engine, first_step, steps, step_time_s=step_time_s, max_mem=mem)
+    if getattr(engine, "profiles", True):
+        return prof.write(Path(out_dir) / "profiles")
+    return None
