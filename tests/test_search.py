@@ -194,7 +194,16 @@ def _bad_profile_dir(tmp_path: Path, edit) -> Path:
 
 @pytest.mark.parametrize(
     "case",
-    ["unknown-cluster", "zero-gpus", "zero-nodes-file", "profile-field", "profile-json", "profile-model", "no-cluster"],
+    [
+        "unknown-cluster",
+        "zero-gpus",
+        "zero-nodes-file",
+        "profile-field",
+        "profile-json",
+        "profile-model",
+        "no-cluster",
+        "too-many-shapes",
+    ],
 )
 def test_cli_bad_input(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = ["search", "--model", "llama3-70b", "--layers", "4", "--seq-len", "8192"]
@@ -224,6 +233,10 @@ def test_cli_bad_input(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[
         path = _bad_profile_dir(tmp_path, lambda r: r["model"].update(hidden=4096))
         args = [*base, "--cluster", "h100-8x8:8", "--profiles", str(path.parent)]
         want = [str(path), "model.hidden", "another model"]
+    elif case == "too-many-shapes":  # refused at once, before the enumeration runs away
+        args = ["search", "--model", "llama3-70b", "--cluster", "h100-8x8", "--cluster", "h200-4x8"]
+        args += ["--max-stages", "64", "--max-group-sizes", "8"]
+        want = ["max_stages", "more than 5000 device-group shapes", "--max-group-sizes"]
     else:
         args, want = base, ["--cluster", "at least one cluster"]
     rc, out, err = _run(capsys, *args)

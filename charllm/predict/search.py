@@ -31,9 +31,9 @@ p2p hop sends the boundary activations forward and their gradients back over NVL
 node) or the network; then the slowest stage's gradient all-reduce (ring, NVLink within a node,
 the node's network share across nodes) plus its optimizer step.
 
-**Memory** (:func:`stage_capacity`): a stage holds its blocks' weights, gradients and optimizer
-state, and the saved activations of ``min(M, stages - position)`` micro batches in flight (1F1B);
-what fits follows the memory model's rule (:func:`usable_bytes`).
+**Memory** (:func:`stage_capacity`): a stage holds its blocks' weights, optimizer state and
+(when ``M > 1``) gradients, and the saved activations of ``min(M, stages - position)`` micro
+batches in flight (1F1B); what fits follows the memory model's rule (:func:`usable_bytes`).
 
 **Memory-first pruning** (``prune=True``): strategies are fixed class by class; as soon as a
 class's strategy is chosen its stages' block capacity is known, and if they, plus the best any
@@ -42,8 +42,8 @@ that cannot hold its blocks rules out every plan that would give it as many or m
 bound, with every class at its best, cuts a (shape, micro-batch count) before any strategy is
 tried. A stage that cannot hold a single block at micro batch ``mb`` with ``f`` micro batches in
 flight is remembered, and every later stage of that GPU type, tp and position with ``mb' >= mb``
-and ``f' >= f`` is known to fail without being priced (profiles' activations grow with the micro
-batch; that is checked when the profile set is read). Pruning only ever removes plans that cannot
+and ``f' >= f`` is known to fail without being priced (where the profiles' memory terms grow
+with the micro batch; :func:`_monotone` checks that). Pruning only ever removes plans that cannot
 fit, so the pruned and the unpruned search return the same plans with the same costs; ``steps``
 counts evaluations (each complete plan priced or refused, and each cut subtree, once).
 
@@ -85,6 +85,8 @@ NVLINK_BYTES_S: dict[str, float] = {"h100": 360e9, "h200": 360e9, "a100": 230e9,
 DEFAULT_NETWORK_BYTES_S = 100e9 / 8
 
 MAX_POOLS = 4
+#: device-group orders and shapes one search may enumerate (the seed's two clusters: 511)
+MAX_SHAPES = 5_000
 MAX_STAGES = 64
 MAX_GLOBAL_BATCH = 1 << 16
 
@@ -319,6 +321,8 @@ def pool_shapes(pool: Pool, max_parts: int, max_sizes: int = 2) -> list[tuple[in
     def rec(left: int, start: int, acc: list[int]) -> None:
         if left == 0:
             out.append(tuple(acc))
+            if len(out) > MAX_SHAPES:
+                raise _too_many(pool.name)
             return
         if len(acc) == max_parts:
             return
@@ -387,7 +391,17 @@ def shapes(pools: Sequence[Pool], max_stages: int, max_sizes: int = 2) -> list[S
                     continue
                 stages = [(pi, g) for pi, c in zip(order, cuts, strict=True) for g in c]
                 out.append(_placement(pools, stages))
+                if len(out) > MAX_SHAPES:
+                    raise _too_many("+".join(p.name for p in pools))
     return out
+
+
+def _too_many(where: str) -> ConfigError:
+    return ConfigError(
+        where,
+        "max_stages",
+        f"more than {MAX_SHAPES} device-group shapes to search: lower --max-stages or --max-group-sizes",
+    )
 
 
 def divisors(n: int) -> list[int]:

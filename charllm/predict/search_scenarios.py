@@ -1,7 +1,7 @@
 """Generated search scenarios: analytic per-layer profiles and two-type GPU pools.
 
 For searching before anything is profiled, and for the search's checks and benchmark
-(``tests/predict/test_search.py``, ``benchmarks/search_scenarios.py``): the scenarios of the
+(``tests/test_search.py``, ``benchmarks/search_scenarios.py``): the scenarios of the
 Metis variant's table (10 blocks on 16+16 GPUs, 20 on 32+32, 20 on 64+64), here on H100 and
 H200 nodes of 8.
 
@@ -10,8 +10,8 @@ H200 nodes of 8.
 
 - time: training FLOPs (forward ``2 * params + 4 * seq * hidden`` per token and block, backward
   twice that; the head's ``2 * vocab * hidden``) at the GPU's dense bf16 peak times an
-  efficiency that falls as the per-rank GEMMs shrink (``e * n / (n + 256)``, ``n`` the micro
-  batch's tokens times the rank's share of the hidden size, in units of 4096);
+  efficiency that falls as the per-rank GEMMs shrink (``e * n / (n + 1/4)``, ``n`` the micro
+  batch's tokens times the rank's share of the hidden size over ``4096**2``);
 - memory per rank: mixed-precision AdamW, 18 bytes a parameter (bf16 weights + fp32 master 6,
   fp32 gradients 4, two fp32 moments 8), shared by tp; saved activations ``34 * seq * hidden``
   bytes a sequence and block, shared by tp (Korthikanti et al. 2022, sequence parallel, flash
