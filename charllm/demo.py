@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO
 
 from charllm.orchestrate.factory import dag_id_for
 from charllm.paths import home
@@ -62,10 +61,61 @@ def seed_recorded(root: Path | None = None) -> Path | None:
     return out
 
 
-def _airflow(args: list[str], log: IO[str]) -> int:
-    log.write(f"\n$ airflow {' '.join(args)}\n")
-    log.flush()
-    return subprocess.run(["airflow", *args], stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
+def _dag_file(campaign: str) -> Path | None:
+    """The DAG file of ``campaign`` in the repo's dags/ folder (parsing only it is quicker)."""
+    path = REPO / "dags" / f"campaign_{campaign.replace('-', '_')}.py"
+    return path if path.is_file() else None
+
+
+def _dag_test(dag_id: str, dag_file: Path | None, conf: dict[str, object] | None = None) -> bool:
+    """``airflow dags test DAG_ID [-f FILE] [--conf JSON]``, in this process: True when the run succeeded."""
+    from airflow.cli.cli_parser import get_parser
+
+    argv = ["dags", "test", dag_id]
+    if dag_file is not None:
+        argv += ["-f", str(dag_file)]
+    if conf is not None:
+        argv += ["--conf", json.dumps(conf)]
+    print(f"\n$ airflow {' '.join(argv)}", flush=True)
+    args = get_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SystemExit as exc:  # "DagRun failed"
+        return exc.code in (None, 0)
+    return True
+
+
+PHASE = "charllm-demo-phase"
+
+
+def run_dags(campaign: str) -> int:
+    """The demo's Airflow runs, one after the other in one process (one Airflow start-up, not
+    three): the campaign DAG; a nightly-style run (new repeats of the campaign's ``nightly``
+    cells, for the drift chart); the figures DAG (what the scheduler runs on ``aggregate``'s
+    tables Asset event). Prints a ``charllm-demo-phase NAME SECONDS`` line after each."""
+    dag_id = dag_id_for(campaign)
+    dag_file = _dag_file(campaign)
+    nightly = _nightly_conf(campaign)
+    runs: list[tuple[str, str, dict[str, object] | None]] = [("campaign run", dag_id, None)]
+    if nightly:
+        runs.append(("nightly-style run", dag_id, nightly))
+    runs.append(("figures", f"{dag_id}_figures", None))
+    for name, dag, conf in runs:
+        t0 = time.monotonic()
+        ok = _dag_test(dag, dag_file, conf)
+        print(f"{PHASE} {name} {time.monotonic() - t0:.1f}", flush=True)
+        if not ok:
+            return 1
+    return 0
+
+
+def _phases(text: str) -> list[tuple[str, float]]:
+    out = []
+    for line in text.splitlines():
+        if line.startswith(PHASE + " "):
+            name, _, secs = line.removeprefix(PHASE + " ").rpartition(" ")
+            out.append((name, float(secs)))
+    return out
 
 
 def _nightly_conf(campaign: str) -> dict[str, object] | None:
@@ -80,34 +130,36 @@ def _nightly_conf(campaign: str) -> dict[str, object] | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = argv if argv is not None else sys.argv[1:]
+    if args[:1] == ["--run-dags"]:  # the child process: the Airflow runs themselves
+        return run_dags(args[1] if len(args) > 1 else CAMPAIGN)
     campaign = args[0] if args else CAMPAIGN
     dag_id = dag_id_for(campaign)
     log_dir = home() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{dag_id}-{time.strftime('%Y%m%dT%H%M%S')}.log"
-    print(f"charllm demo: running DAG {dag_id} through Airflow (log: {log_path})", flush=True)
-    t0 = time.monotonic()
     nightly = _nightly_conf(campaign)
+    print(f"charllm demo: running DAG {dag_id} through Airflow (airflow dags test; log: {log_path})", flush=True)
+    if nightly:
+        print(f"charllm demo: then a nightly-style run: {nightly['repeats']} new repeat(s) of {nightly['cells']}")
+    print(f"charllm demo: then the figures (DAG {dag_id}_figures)", flush=True)
+    t0 = time.monotonic()
     with log_path.open("w") as log:
-        rc = _airflow(["dags", "test", dag_id], log)
-        if rc == 0 and nightly:
-            # what a nightly (scheduled) run does: new repeats of the nightly cells, for the drift chart
-            print(
-                f"charllm demo: a nightly-style run: {nightly['repeats']} new repeat(s) of {nightly['cells']}",
-                flush=True,
-            )
-            rc = _airflow(["dags", "test", dag_id, "--conf", json.dumps(nightly)], log)
-        if rc == 0:
-            # what the scheduler runs on `aggregate`'s tables Asset event: the figures DAG
-            print(f"charllm demo: drawing the figures (DAG {dag_id}_figures)", flush=True)
-            rc = _airflow(["dags", "test", f"{dag_id}_figures"], log)
+        rc = subprocess.run(
+            [sys.executable, "-m", "charllm.demo", "--run-dags", campaign],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=os.environ.copy(),
+        ).returncode
     wall = time.monotonic() - t0
     text = log_path.read_text(errors="replace")
     if rc != 0:
         print(text[-6000:])
         print(f"charllm demo: airflow dags test failed (exit {rc}); full log in {log_path}")
         return rc
+    phases = _phases(text)
+    t1 = time.monotonic()
     recorded = seed_recorded()
+    phases.append(("recorded GPU figures", time.monotonic() - t1))
     import pandas as pd
 
     tables = home() / "tables" / campaign
@@ -122,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     runs = sorted((home() / "figures" / campaign).glob("*/report.md"), key=lambda p: p.stat().st_mtime)
     print()
     print(f"charllm demo: the DAG runs succeeded in {wall:.0f} s")
+    airflow_s = wall - sum(s for n, s in phases if n != "recorded GPU figures")
+    print(
+        "where the time went: "
+        + ", ".join(f"{n} {s:.0f} s" for n, s in phases)
+        + f", Airflow start-up and DAG parsing {max(airflow_s, 0):.0f} s"
+    )
     print(f"results table : {tables / 'cells.parquet'}  (steps: {tables / 'steps.parquet'})")
     print(f"results store : {home() / 'results' / 'cells'}   catalog: {home() / 'catalog.db'}")
     if runs:
