@@ -325,3 +325,19 @@ def test_search_prices_the_recorded_h200_cells() -> None:
                   f"memory {m:.3f}")  # fmt: skip
             assert 0.85 <= t <= 1.15 and 0.90 <= m <= 1.10, cell["name"]
     assert len(ratios) == 12
+
+
+def test_per_stage_strategies() -> None:
+    """Every stage its own dp/tp: a superset of the per-class space (best no worse), pruned == unpruned."""
+    cls = search(scenario(10, 16, max_stages=4), prune=True)
+    full = search(scenario(10, 16, max_stages=4, per_stage=True), prune=False)
+    pruned = search(scenario(10, 16, max_stages=4, per_stage=True), prune=True)
+    print(
+        f"per stage, 10 blocks 16+16, <= 4 stages: {full.candidates} candidates (per class {cls.candidates}); "
+        f"steps {pruned.steps}/{full.steps} = {pruned.steps / full.steps:.3f}; best {full.ranked[0][0]:.4f} s "
+        f"(per class {cls.ranked[0][0]:.4f} s)"
+    )
+    assert full.candidates > cls.candidates
+    assert pruned.ranked == full.ranked and pruned.steps <= 0.95 * full.steps
+    assert full.ranked[0][0] <= cls.ranked[0][0]
+    assert any(len({s.tp for s in p.stages}) > 1 for p in pruned.plans(200))  # stages of one plan differ

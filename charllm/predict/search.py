@@ -16,9 +16,10 @@ search enumerates, in this nesting:
    different sizes per pool (default 2, e.g. 8+4+4), at most ``max_stages`` stages in all;
 3. **micro-batch count** ``M``: a divisor of the global batch; a stage with data-parallel
    degree ``dp`` runs micro batches of ``global_batch / (M * dp)`` sequences;
-4. **per-stage DP/TP**: ``tp`` a power of two within a node (``dp = group / tp``); stages of
-   one *class* (same pool, same group size) share their strategy, which keeps the space
-   polynomial in the number of stages (stages of one class differ in their layer count only);
+4. **per-stage DP/TP**: ``tp`` a power of two within a node (``dp = group / tp``); by default
+   stages of one *class* (same pool, same group size) share their strategy, which keeps the
+   space polynomial in the number of stages (stages of one class differ in their layer count
+   only); ``per_stage=True`` gives every stage its own (exponential in the stages);
 5. **layer partition**: not enumerated but solved: blocks go one by one to the stage whose
    time grows least, never past what its memory holds (this minimises the slowest stage
    exactly, since every stage's time grows with its block count).
@@ -48,14 +49,15 @@ fit, so the pruned and the unpruned search return the same plans with the same c
 counts evaluations (each complete plan priced or refused, and each cut subtree, once).
 
 Running heterogeneous plans is out of scope: charllm's engines run one GPU type per job.
-:func:`homogeneous` picks the single-type, uniform plans that a campaign can run.
+:func:`charllm.predict.search_cli.homogeneous_plans` picks the single-type, uniform plans that a
+campaign can run.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from charllm.errors import ConfigError
@@ -217,6 +219,7 @@ class Problem:
     max_stages: int = 16
     max_tp: int = 8
     max_group_sizes: int = 2  # different group sizes within one pool
+    per_stage: bool = False  # every stage its own strategy (else one per class: same pool and group size)
     units: dict[tuple[int, int, int], Unit | None] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -533,10 +536,13 @@ class _Space:
         self.p2p_sum = math.fsum(self.p2p)
         self.p2p_max = max(self.p2p, default=0.0)
         self.options: list[list[_Opt]] = []
-        for c in shape.classes:
-            pi, g = c
+        if prob.per_stage:
+            groups = [[i] for i in range(n_st)]
+        else:
+            groups = [[i for i, st in enumerate(shape.stages) if st == c] for c in shape.classes]
+        for members in groups:
+            pi, g = shape.stages[members[0]]
             pool = prob.pools[pi]
-            members = [i for i, st in enumerate(shape.stages) if st == c]
             opts: list[_Opt] = []
             tp = 1
             while tp <= min(g, pool.gpus_per_node, prob.max_tp):
@@ -782,13 +788,3 @@ def plan_of(prob: Problem, shape: Shape, m: int, choice: Sequence[int]) -> Plan:
     return Plan(
         cost_s=pc.total_s, micro_batches=m, stages=tuple(out), bubble_s=pc.bubble_s, p2p_s=pc.p2p_s, sync_s=pc.sync_s
     )
-
-
-def homogeneous(plans: Iterable[Plan]) -> list[Plan]:
-    """Plans a campaign cell can express: one pool, every stage the same group, tp and block count."""
-    out = []
-    for p in plans:
-        s0 = p.stages[0]
-        if all(s.pool == s0.pool and s.gpus == s0.gpus and s.tp == s0.tp and s.blocks == s0.blocks for s in p.stages):
-            out.append(p)
-    return out

@@ -156,7 +156,7 @@ def homogeneous_plans(res: SearchResult, limit: int) -> list[Plan]:
         if len(set(shape.stages)) != 1:
             continue
         p = res.plan(key)
-        if len({s.blocks for s in p.stages}) != 1:
+        if len({(s.blocks, s.tp) for s in p.stages}) != 1:
             continue
         s0 = p.stages[0]
         k = (s0.pool, s0.tp, s0.dp, len(p.stages), s0.micro_batch)
@@ -326,6 +326,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         max_stages=args.max_stages,
         max_tp=args.max_tp,
         max_group_sizes=args.max_group_sizes,
+        per_stage=args.per_stage,
     )
     res = search(prob, prune=not args.no_prune)
     print(f"search: {model.name} ({model.n_layers} blocks), global batch {args.global_batch}, seq {args.seq_len} on "
@@ -391,6 +392,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-stages", type=_pos_int(64), default=16)
     p.add_argument("--max-tp", type=_pos_int(64), default=8)
     p.add_argument("--max-group-sizes", type=_pos_int(8), default=2, help="different group sizes per cluster")
+    p.add_argument(
+        "--per-stage", action="store_true", help="every stage its own dp/tp (else one per cluster and group size)"
+    )
     p.add_argument(
         "--network-gbit",
         type=_pos_float(1e5),

@@ -118,7 +118,9 @@ SCENARIO_SEQ = 8192  # Llama 3 as in the paper campaigns (charllm-h200-opt.yaml)
 SCENARIO_BATCH = 128
 
 
-def scenario(blocks: int, gpus_each: int, max_stages: int = 8, max_group_sizes: int = 2) -> Problem:
+def scenario(
+    blocks: int, gpus_each: int, max_stages: int = 8, max_group_sizes: int = 2, per_stage: bool = False
+) -> Problem:
     """``blocks`` of Llama-3 70B at seq 8192, global batch 128, on ``gpus_each`` H100 + as many H200 (nodes of 8)."""
     model = modelcat.get(SCENARIO_MODEL, blocks)
     pools = (
@@ -135,4 +137,5 @@ def scenario(blocks: int, gpus_each: int, max_stages: int = 8, max_group_sizes: 
         hidden=model.hidden,
         max_stages=max_stages,
         max_group_sizes=max_group_sizes,
+        per_stage=per_stage,
     )
