@@ -184,7 +184,7 @@ def sec_ref(args: argparse.Namespace) -> None:
     m = res["metrics"]
     for k in ("step_time_median_s", "step_time_p10_s", "step_time_p90_s", "tokens_per_s", "mfu", "energy_gpu_j",
               "energy_mem_j", "energy_counter_j", "energy_counter_over_sampled", "energy_per_step_j",
-              "energy_per_token_j", "samples_per_s_per_mj", "avg_power_w", "peak_power_w", "avg_gpu_temp_c",
+              "energy_per_token_j", "efficiency_samples_per_s_mj", "avg_power_w", "peak_power_w", "avg_gpu_temp_c",
               "peak_gpu_temp_c", "avg_sm_clock_mhz", "sampling_rate_min_hz", "telemetry_samples", "nvml_errors",
               "max_memory_allocated_bytes", "max_memory_reserved_bytes", "warmup_steps", "warmup_converged"):  # fmt: skip
         log(f"  {k:32s} {m.get(k)}")

@@ -18,7 +18,7 @@ import math
 import operator
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -124,6 +124,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class GpuControl(_Strict):
+    """May a job change SM clocks / the power limit, and through what: ``deny``, ``nvml`` (the job
+    itself, needs the rights) or ``zeusd`` (Zeus's privileged daemon; accepted, not driven yet)."""
+
+    clocks: Literal["deny", "nvml", "zeusd"] = "deny"
+    power_limit: Literal["deny", "nvml", "zeusd"] = "deny"
+
+
 class ClusterProfile(_Strict):
     """Where cells run: GPU type, node shape and scheduler settings."""
 
@@ -163,6 +171,15 @@ class ClusterProfile(_Strict):
     max_attempts: int | None = Field(None, ge=1, le=20)
     # the first wait after sbatch refuses a job for a submit limit (seconds; default 30, then doubling)
     submit_limit_backoff_s: float | None = Field(None, gt=0, le=3600)
+    # link bandwidths for the time model (charllm.predict.timing; defaults there: NVLink 360 GB/s
+    # all-reduce bus bandwidth per GPU, 100 Gb/s per node between nodes)
+    intra_node_gbyte_per_s: float | None = Field(None, gt=0, le=100_000)
+    inter_node_gbit_per_s: float | None = Field(None, gt=0, le=1_000_000)
+    # how the Slurm backend reaches the login node (charllm.transport): "ssh" (the campaign's
+    # connection_id; the default) or "local" (Airflow runs on the login node: this machine's shell)
+    slurm_transport: Literal["ssh", "local"] | None = None
+    # what the site lets a job change on its GPUs (charllm.energy.control); deny unless said otherwise
+    gpu_control: GpuControl = Field(default_factory=lambda: GpuControl())
 
     @field_validator("env")
     @classmethod
@@ -325,10 +342,36 @@ AXES = (
     "recompute",
     "overlap",
     "opt_code",
+    "recompute_layers",
+    "offload_alpha",
+    "zero",
+    "cpu_offload",
+    "interconnect",
+    "pp_partition",
+    "gpu_clock_mhz",
+    "power_limit_w",
+    "frequency_plan",
 )
+#: the Kwai/PCIe knobs' defaults: a knob at its default stays out of the hashed cell
+KNOB_DEFAULTS: dict[str, Any] = {
+    "recompute_layers": 0,
+    "offload_alpha": 0.0,
+    "zero": 0,
+    "cpu_offload": False,
+    "interconnect": "native",
+}
 
 _OptCode = Annotated[str, Strict(), Field(pattern=r"^[01]{5}$")]
-_Recompute = StrictBool | Literal["none", "full", "selective"]
+_Recompute = StrictBool | Literal["none", "full", "selective", "kwai"]
+_RecomputeLayers = Annotated[int, Strict(), Field(ge=0, le=4096)]
+_Alpha = Annotated[float, BeforeValidator(_number_text), Strict(), Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+_Zero = Literal[0, 1, 2, 3]
+_Interconnect = Literal["native", "pcie"]
+# the Perseus study (charllm.energy): stage start layers, GPU clock / power limit, a frequency plan
+_PpPartition = Annotated[str, Strict(), Field(max_length=4096, pattern=r"^(uniform|custom:\d+(,\d+)*)$")]
+_ClockMhz = Annotated[int, Strict(), Field(ge=100, le=5000)]
+_PowerW = Annotated[int, Strict(), Field(ge=50, le=2000)]
+_PlanName = Annotated[str, Strict(), AfterValidator(_safe_name)]
 _Dp = Degree | Literal["auto"]
 
 
@@ -343,9 +386,13 @@ class Sweep(_Strict):
     """Sweep axes: each a list of values. ``dp`` may be ``auto`` (gpus / (tp*pp*cp)).
 
     ``pp_virtual``: virtual pipeline stages per pipeline rank (interleaved 1F1B; 1 = plain).
-    ``recompute``: ``false``/``"none"``, ``true``/``"full"`` (whole layers) or ``"selective"``
-    (the attention core only). With ``opt_code``, its second digit turns recompute on (full,
-    or selective where this axis says so) or off.
+    ``recompute``: ``false``/``"none"``, ``true``/``"full"`` (whole layers), ``"selective"``
+    (the attention core only) or ``"kwai"`` (norms + MLP activation, Megatron-Kwai). With
+    ``opt_code``, its second digit turns recompute on (full, or the mode this axis names) or off.
+    ``recompute_layers``: recompute only the first N layers of each stage (0: all).
+    ``offload_alpha``: fraction (0..1) of each micro batch's saved activations offloaded to host.
+    ``zero``: 0 | 1 (DDP + sharded optimizer state) | 2 | 3 (FSDP2); ``cpu_offload`` with 2/3.
+    ``interconnect``: ``native`` or ``pcie`` (NCCL kept off peer-to-peer and NVLS).
 
     The value types (and bounds) are :class:`Point`'s: one definition for the axes and for
     the ``include``/``exclude`` entries.
@@ -366,6 +413,15 @@ class Sweep(_Strict):
     recompute: list[_Recompute] = [False]
     overlap: list[StrictBool] = [False]
     opt_code: list[_OptCode] | None = None
+    recompute_layers: list[_RecomputeLayers] = [0]
+    offload_alpha: list[_Alpha] = [0.0]
+    zero: list[_Zero] = [0]
+    cpu_offload: list[StrictBool] = [False]
+    interconnect: list[_Interconnect] = ["native"]
+    pp_partition: list[_PpPartition] | None = None
+    gpu_clock_mhz: list[_ClockMhz] | None = None
+    power_limit_w: list[_PowerW] | None = None
+    frequency_plan: list[_PlanName] | None = None
 
     @field_validator("model", mode="before")
     @classmethod
@@ -403,6 +459,15 @@ class Point(_Strict):
     recompute: _Recompute | None = None
     overlap: StrictBool | None = None
     opt_code: _OptCode | None = None
+    recompute_layers: _RecomputeLayers | None = None
+    offload_alpha: _Alpha | None = None
+    zero: _Zero | None = None
+    cpu_offload: StrictBool | None = None
+    interconnect: _Interconnect | None = None
+    pp_partition: _PpPartition | None = None
+    gpu_clock_mhz: _ClockMhz | None = None
+    power_limit_w: _PowerW | None = None
+    frequency_plan: _PlanName | None = None
 
     @field_validator("model", mode="before")
     @classmethod
@@ -446,7 +511,7 @@ class Campaign(_Strict):
     model: ModelRef
     engine: Literal["torch", "megatron"] = "torch"
     precision: Literal["bf16", "fp32"] = "bf16"
-    backend: Literal["local", "slurm"] = "local"
+    backend: Annotated[str, Strict(), Field(max_length=64)] = "local"  # a kind of charllm.backends' registry
     connection_id: SafeName | None = None
     schedule: Annotated[str, Strict(), Field(max_length=256)] | None = None
     steps: Int = Field(10, ge=1, le=MAX_STEPS)
@@ -454,6 +519,15 @@ class Campaign(_Strict):
     warmup: Warmup = Warmup()
     telemetry_hz: Number = Field(20.0, gt=0, le=1000)
     profile_kernels: StrictBool = False
+    # what the job profiles besides steps and telemetry: none | layers | instructions (every
+    # forward/backward of every micro batch per pipeline stage, charllm.energy.recorder)
+    profile: Literal["none", "layers", "instructions"] = "none"
+    # fixed: every cell measures `steps` steps; adaptive: until the median step time's 95 % CI is
+    # within 1 % and 10 s of energy are integrated, at most `steps` (charllm.train.window)
+    window: Literal["fixed", "adaptive"] = "fixed"
+    # what `plan --predict` and the runner skip: cells predicted to run out of memory (one canary per
+    # model still runs), also cells another cell beats in predicted time and energy, or nothing
+    prune: Literal["none", "oom", "dominated"] = "none"
     compile: StrictBool = False
     learning_rate: Number = Field(3e-4, gt=0, le=1)
     seed: Int = Field(1234, ge=0, le=MAX_SEED)
@@ -478,11 +552,23 @@ class Campaign(_Strict):
     def _cron(cls, v: str | None) -> str | None:
         return None if v is None else check_schedule(v)
 
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        from charllm.backends import backend_kinds
+
+        if v not in backend_kinds():
+            raise ValueError(f"unknown backend {v!r}: one of {', '.join(repr(k) for k in backend_kinds())}")
+        return v
+
     @model_validator(mode="after")
     def _backend(self) -> Campaign:
-        if self.backend == "slurm" and self.connection_id is None:
+        from charllm.backends import backend_class
+
+        if backend_class(self.backend).capabilities.needs_connection and self.connection_id is None:
             raise field_error(
-                "connection_id", "backend 'slurm' needs connection_id (the Airflow SSH connection to the cluster)"
+                "connection_id",
+                f"backend {self.backend!r} needs connection_id (the Airflow SSH connection to the cluster)",
             )
         return self
 
@@ -527,6 +613,7 @@ class ParallelLayout(_Strict):
     ep: int
     fsdp: bool
     pp_virtual: int = 1  # in the hashed dict only when > 1, so older cells keep their ids
+    pp_partition: str = ""  # "custom:0,8,14,20,26"; in the hashed dict only when set
 
 
 class Cell(_Strict):
@@ -540,7 +627,7 @@ class Cell(_Strict):
     micro_batch: int
     global_batch: int
     seq_len: int
-    opt: dict[str, bool | float | str]  # recompute_granularity only when "selective"
+    opt: dict[str, bool | int | float | str]  # recompute_granularity only when not "full"; knobs when not default
     opt_code: str
     steps: int
     warmup: Warmup
@@ -553,6 +640,8 @@ class Cell(_Strict):
     world_size: int
     nodes: int
     seed: int
+    # only for cells that ask to change clocks / power limits: the cluster's gate and the request
+    gpu_control: dict[str, Any] | None = None
 
     def job_config(self, repeat: int) -> dict[str, Any]:
         """The JSON handed to ``python -m charllm.train --cell``."""
@@ -586,8 +675,15 @@ class Cell(_Strict):
             ep=par.ep,
             fsdp=par.fsdp,
             recompute=self.recompute_mode,
+            recompute_layers=int(self.opt.get("recompute_layers", 0)),
+            offload_alpha=float(self.opt.get("offload_alpha", 0.0)),
+            zero=int(self.opt.get("zero", 0)),
+            cpu_offload=bool(self.opt.get("cpu_offload", False)),
+            interconnect=str(self.opt.get("interconnect", "native")),
             overlap=bool(self.opt.get("overlap", False)),
             compile=bool(self.opt.get("compile", False)),
+            pp_partition=par.pp_partition,
+            profile_mode=str(self.opt.get("profile_mode", "none")),
             precision=self.precision,
             micro_batch=self.micro_batch,
             global_batch=self.global_batch,
@@ -825,6 +921,8 @@ def _norm(axis: str, value: Any) -> Any:
         return capabilities.recompute_mode(value)
     if axis == "pp_virtual" and value is None:
         return 1
+    if axis in KNOB_DEFAULTS:
+        return KNOB_DEFAULTS[axis] if value is None else value
     if axis == "model" and isinstance(value, ModelRef):
         return (value.name, value.proxy_layers)
     return value
@@ -858,11 +956,6 @@ class _Excluder:
         return any(get(norm) in vals for get, vals in self.groups)
 
 
-def _matches(point: dict[str, Any], pattern: Point) -> bool:
-    """Whether ``pattern`` (an exclude entry) matches the sweep point."""
-    return _Excluder([pattern]).excludes(point)
-
-
 def check_size(camp: Campaign, source: str) -> int:
     """The number of points the campaign names (product of the axis lengths + include entries), checked
     against :func:`max_cells` before anything is expanded."""
@@ -893,8 +986,27 @@ def _point_name(p: dict[str, Any], shape: modelcat.ModelShape, code: str) -> str
     if par["fsdp"]:
         bits.append("fsdp")
     bits += [f"mb{p['micro_batch']}", f"gb{p['global_batch']}", f"s{p['seq_len']}", code]
-    if p["opt"].get("recompute_granularity") == "selective":
+    o = p["opt"]
+    if o.get("recompute_granularity") == "selective":
         bits.append("rsel")
+    if o.get("recompute_granularity") == "kwai":
+        bits.append("rkwai")
+    if o.get("recompute_layers"):
+        bits.append(f"rl{o['recompute_layers']}")
+    if o.get("offload_alpha"):
+        bits.append(f"a{o['offload_alpha']:g}")
+    if o.get("zero"):
+        bits.append(f"z{o['zero']}")
+    if o.get("cpu_offload"):
+        bits.append("cpuoff")
+    if o.get("interconnect", "native") != "native":
+        bits.append(str(o["interconnect"]))
+    if par.get("pp_partition"):
+        bits.append("pc" + str(par["pp_partition"]).removeprefix("custom:").replace(",", "_"))
+    req = (p.get("gpu_control") or {}).get("request") or {}
+    for key, tag in (("gpu_clock_mhz", "f"), ("power_limit_w", "pl"), ("frequency_plan", "plan-")):
+        if key in req:
+            bits.append(f"{tag}{req[key]}")
     return "-".join(bits)
 
 
@@ -956,7 +1068,7 @@ def _resolve(
     code = point.get("opt_code")
     if code is not None:
         overlap = code[0] == "1"
-        mode = ("selective" if mode == "selective" else "full") if code[1] == "1" else "none"
+        mode = (mode if mode in ("selective", "kwai") else "full") if code[1] == "1" else "none"
     else:
         overlap = point.get("overlap", False)
         code = f"{int(overlap)}{int(mode != 'none')}000"
@@ -968,6 +1080,9 @@ def _resolve(
     parallel: dict[str, Any] = {"tp": tp, "pp": pp, "dp": dp, "cp": cp, "ep": ep, "fsdp": fsdp}
     if vp != 1:
         parallel["pp_virtual"] = vp
+    partition = point.get("pp_partition", "uniform")
+    if partition != "uniform":
+        parallel["pp_partition"] = partition
     opt: dict[str, Any] = {
         "recompute": mode != "none",
         "overlap": overlap,
@@ -975,8 +1090,16 @@ def _resolve(
         "profile": camp.profile_kernels,
         "lr": camp.learning_rate,
     }
-    if mode == "selective":
-        opt["recompute_granularity"] = "selective"
+    if mode in ("selective", "kwai"):
+        opt["recompute_granularity"] = mode
+    for knob, default in KNOB_DEFAULTS.items():
+        value = point.get(knob, default)
+        if value != default:
+            opt[knob] = float(value) if knob == "offload_alpha" else value
+    if camp.profile != "none":
+        opt["profile_mode"] = camp.profile
+    if camp.window != "fixed":
+        opt["window"] = camp.window
     resolved: dict[str, Any] = {
         "model": shape.as_dict(),
         "parallel": parallel,
@@ -997,6 +1120,9 @@ def _resolve(
         "nodes": nodes,
         "seed": camp.seed,
     }
+    request = {k: point[k] for k in ("gpu_clock_mhz", "power_limit_w", "frequency_plan") if point.get(k) is not None}
+    if request:  # hashed with the gate: a cell skipped under deny is a new cell where control is allowed
+        resolved["gpu_control"] = {**cluster.gpu_control.model_dump(), "request": request}
     cid = cell_hash(resolved)
     name = _point_name(resolved, shape, code)
     cell = Cell.model_validate({"campaign": camp.name, "cell_id": cid, "name": name, **resolved})
@@ -1129,11 +1255,3 @@ def dedupe(campaigns: Sequence[LoadedCampaign]) -> dict[str, list[str]]:
         for c in lc.cells:
             owners.setdefault(c.cell_id, []).append(lc.name)
     return owners
-
-
-def iter_errors(paths: Iterable[Path]) -> Iterable[tuple[Path, ConfigError]]:
-    for p in paths:
-        try:
-            load_campaign(p)
-        except ConfigError as err:
-            yield p, err

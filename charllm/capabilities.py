@@ -23,6 +23,7 @@ The engine tables are :data:`ENGINES`. To change what an engine runs, edit its
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -33,8 +34,16 @@ from charllm.modelcat import ModelShape
 if TYPE_CHECKING:  # the job's parsed cell; imported for types only (no cycle at runtime)
     from charllm.train.cell import CellSpec
 
-DEVICES = ("cpu", "cuda")
-RECOMPUTE_MODES = ("none", "full", "selective")
+RECOMPUTE_MODES = ("none", "full", "selective", "kwai")
+#: cell-level knobs of the Megatron-Kwai and PCIe studies (defaults leave a cell unchanged)
+ZERO_STAGES = (0, 1, 2, 3)
+INTERCONNECTS = ("native", "pcie")
+#: what ``interconnect: pcie`` sets in the job's environment (before NCCL initialises): no
+#: peer-to-peer over NVLink, no NVLink SHARP, no CUDA-IPC-style shared buffers, so traffic between
+#: GPUs of a node goes through host memory as on a PCIe-only machine
+PCIE_ENV: Mapping[str, str] = MappingProxyType(
+    {"NCCL_P2P_DISABLE": "1", "NCCL_NVLS_ENABLE": "0"}
+)
 PP_SCHEDULES = ("gpipe", "1f1b")
 # charllm.train.model.VOCAB_PAD: embedding and output rows are padded to a multiple of it
 VOCAB_PAD = 128
@@ -53,14 +62,25 @@ FEATURES: Mapping[str, str] = MappingProxyType(
         "fsdp": "fully sharded data parallelism (fsdp)",
         "recompute:full": "full activation recompute (recompute: full)",
         "recompute:selective": "selective activation recompute (recompute: selective)",
+        "recompute:kwai": "Kwai's norm + MLP-activation recompute (recompute: kwai)",
+        "recompute_layers": "recompute of the first N layers per stage only (recompute_layers > 0)",
+        "offload": "activation offload to pinned host memory (offload_alpha > 0)",
+        "zero:1": "ZeRO-1: DDP with a sharded optimizer state (zero: 1)",
+        "zero:2": "ZeRO-2: sharded optimizer state and gradients (zero: 2)",
+        "zero:3": "ZeRO-3: sharded parameters, gradients and optimizer state (zero: 3)",
+        "cpu_offload": "parameters, gradients and optimizer step offloaded to the CPU (cpu_offload)",
+        "interconnect:pcie": "GPU traffic kept off NVLink peer-to-peer (interconnect: pcie)",
         "overlap": "compute/communication overlap (overlap)",
         "distributed_optimizer": "the distributed optimizer",
         "compile": "torch.compile (compile)",
+        "pp_partition": "a custom pipeline partition (pp_partition: custom:...)",
+        "profile:layers": "per-layer profiling (profile: layers)",
     }
 )
 
 # the cell field a feature is asked for by (the refusal's field)
-_FIELD = {"recompute": "recompute", "family": "model"}
+_FIELD = {"recompute": "recompute", "family": "model", "offload": "offload_alpha", "profile": "profile"}
+_FIELD.update({"zero": "zero", "interconnect": "interconnect"})
 
 
 def _field_of(feature: str) -> str:
@@ -103,6 +123,8 @@ class EngineCaps:
     combos: tuple[tuple[frozenset[str], str], ...] = ()
     vocab_parallel: bool = False
     min_microbatches_1f1b: bool = False
+    # context parallelism splits the sequence into cp * this many chunks (2: load-balanced causal)
+    cp_chunks_per_rank: int = 1
     pp_schedules: frozenset[str] = frozenset(PP_SCHEDULES)
     # model families whose MoE shapes (num_experts > 0) the engine builds; None: every family
     moe_families: frozenset[str] | None = None
@@ -125,31 +147,77 @@ MEGATRON_CPU_LIMITS: Mapping[str, str] = _frozen({})
 
 TORCH = EngineCaps(
     name="torch",
-    parallel=frozenset({"tp", "pp", "dp", "fsdp"}),
+    parallel=frozenset({"tp", "pp", "cp", "dp", "fsdp"}),
     families=frozenset({"gpt3", "llama3", "mixtral"}),
-    recompute=frozenset({"none", "full"}),
-    knobs=frozenset({"overlap", "compile"}),
+    recompute=frozenset({"none", "full", "selective", "kwai"}),
+    knobs=frozenset(
+        {
+            "overlap",
+            "compile",
+            "recompute_layers",
+            "offload",
+            "zero:1",
+            "zero:2",
+            "zero:3",
+            "cpu_offload",
+            "interconnect:pcie",
+            "pp_partition",
+            "profile:layers",
+        }
+    ),
     devices=frozenset({"cpu", "cuda"}),
     lacks=_frozen(
         {
-            "cp": "context parallelism is not implemented in the torch engine",
             "ep": "the torch engine replicates experts across dp ranks: use ep = 1, or engine: megatron",
             "pp_virtual": "the torch engine's pipeline schedules (GPipe, 1F1B) have no virtual stages; "
             "use engine: megatron",
-            "recompute:selective": "the torch engine recomputes whole blocks only (recompute: full); "
-            "use engine: megatron",
         }
     ),
+    combos=(
+        (
+            frozenset({"zero:1", "tp"}),
+            "ZeRO-1 (DDP + ZeroRedundancyOptimizer) runs over plain data parallelism; use zero 2/3 with tp",
+        ),
+        (
+            frozenset({"zero:1", "pp"}),
+            "ZeRO-1 (DDP + ZeroRedundancyOptimizer) runs over plain data parallelism; use zero 2/3 with pp",
+        ),
+        (
+            frozenset({"recompute:kwai", "family:mixtral"}),
+            "kwai's fused MLP-activation recompute covers dense MLPs only",
+        ),
+        (frozenset({"offload", "compile"}), "saved-tensor offload hooks are not traced by torch.compile"),
+        (frozenset({"cpu_offload", "pp"}), "FSDP2's CPU offload is not combined with pipelining here"),
+        (frozenset({"cpu_offload", "tp"}), "FSDP2's CPU offload is not combined with tensor parallelism here"),
+        (frozenset({"cp", "tp"}), "the torch engine's ring attention runs with dp/fsdp/zero only (no tp)"),
+        (frozenset({"cp", "pp"}), "the torch engine's ring attention runs with dp/fsdp/zero only (no pp)"),
+        (
+            frozenset({"profile:layers", "pp"}),
+            "the layer profiler takes micro batches in order; a pipeline schedule interleaves them (use pp = 1)",
+        ),
+    ),
     min_microbatches_1f1b=True,
+    cp_chunks_per_rank=2,
     notes=_frozen(
         {
             "tp": "parallelize_module per block (Megatron's colwise/rowwise split), no sequence parallelism",
+            "cp": "ring attention over the cp group (load-balanced causal split: rank r holds chunks r and "
+            "2cp-1-r), blocks merged by log-sum-exp; gradients averaged over dp x cp",
             "pp": "torch.distributed.pipelining, GPipe or 1F1B (opt.pp_schedule)",
             "dp": "DistributedDataParallel with overlap; otherwise an all-reduce after backward",
             "fsdp": "FSDP2 fully_shard per block over dp (2-D with tp)",
             "overlap": "DDP's bucketed all-reduce overlaps backward (plain DDP: dp > 1, tp = pp = 1, no fsdp); "
             "a no-op elsewhere",
             "mixtral": "MoE experts replicated on every dp rank (ep = 1)",
+            "recompute": "full: torch.utils.checkpoint per block; selective: the SDPA call; kwai: norms and the "
+            "MLP activation (fused with the following linears on the tp shards, matmul outputs kept); "
+            "recompute_layers: the first N blocks of each stage",
+            "offload": "saved-tensor hooks copy offload_alpha of each micro batch's block activations to pooled "
+            "pinned host buffers on a side stream, prefetched one block ahead of backward (block inputs "
+            "under full recompute)",
+            "zero": "1: DDP + ZeroRedundancyOptimizer; 2: FSDP2 without reshard after forward; 3: FSDP2; "
+            "cpu_offload: FSDP2 CPUOffloadPolicy",
+            "interconnect": "pcie: NCCL_P2P_DISABLE=1, NCCL_NVLS_ENABLE=0 in the job before NCCL starts",
         }
     ),
 )
@@ -159,12 +227,21 @@ MEGATRON = EngineCaps(
     parallel=frozenset({"tp", "sequence_parallel", "pp", "pp_virtual", "dp", "ep", "fsdp"}),
     families=frozenset({"gpt3", "llama3", "mixtral"}),
     recompute=frozenset({"none", "full", "selective"}),
-    knobs=frozenset({"overlap", "distributed_optimizer"}),
+    knobs=frozenset({"overlap", "distributed_optimizer", "recompute_layers", "zero:1", "interconnect:pcie"}),
     devices=frozenset({"cpu", "cuda"}),
     lacks=_frozen(
         {
             "cp": "context parallelism is not wired to megatron-core's attention in this engine",
             "compile": "torch.compile of Megatron's layers is not wired; use engine: torch",
+            "pp_partition": "megatron-core splits layers evenly (only the first/last stage may differ); "
+            "custom partitions run in engine: torch",
+            "recompute:kwai": "Kwai's norm + MLP-activation recompute is implemented in the torch engine only",
+            "offload": "activation offload (offload_alpha) is implemented in the torch engine only",
+            "zero:2": "megatron shards gradients and parameters through fsdp: true (or use engine: torch)",
+            "zero:3": "megatron shards gradients and parameters through fsdp: true (or use engine: torch)",
+            "cpu_offload": "optimizer/parameter CPU offload is not wired in this engine; use engine: torch",
+            "profile:layers": "the layer profiler (charllm.train.layer_profile) hooks the torch engine's blocks; "
+            "use engine: torch",
         }
     ),
     device_limits=MappingProxyType({"cpu": MEGATRON_CPU_LIMITS}),
@@ -173,6 +250,10 @@ MEGATRON = EngineCaps(
             frozenset({"fsdp", "ep"}),
             "FSDP shards over the whole data-parallel group, which would average each rank's own experts "
             "(use ep = 1 with fsdp)",
+        ),
+        (
+            frozenset({"recompute:selective", "recompute_layers"}),
+            "megatron-core's selective recompute applies to every layer (recompute_layers needs recompute: full)",
         ),
     ),
     vocab_parallel=True,
@@ -186,7 +267,10 @@ MEGATRON = EngineCaps(
             "ep": "MoE layers (all-to-all token dispatcher) with expert parallelism carved out of dp",
             "fsdp": "torch FSDP2 fully_shard over Megatron's data-parallel group (per TransformerLayer), "
             "megatron-core's FP32 optimizer over the shards",
-            "recompute": "full: uniform, 1 layer per group; selective: the core attention (recompute_modules core_attn)",
+            "recompute": "full: uniform, 1 layer per group (recompute_layers N: method block, the first N layers "
+            "per stage); selective: the core attention (recompute_modules core_attn)",
+            "zero": "1: the distributed optimizer (what this engine runs for dp without fsdp anyway)",
+            "interconnect": "pcie: NCCL_P2P_DISABLE=1, NCCL_NVLS_ENABLE=0 in the job before NCCL starts",
             "overlap": "overlap_grad_reduce + overlap_param_gather in Megatron's DDP; tp_comm_overlap where "
             "Transformer Engine imports",
         }
@@ -226,10 +310,17 @@ class CellView:
     cp: int = 1
     ep: int = 1
     fsdp: bool = False
-    recompute: str = "none"  # none | full | selective
+    recompute: str = "none"  # none | full | selective | kwai
+    recompute_layers: int = 0  # 0: every layer of a stage
+    offload_alpha: float = 0.0
+    zero: int = 0
+    cpu_offload: bool = False
+    interconnect: str = "native"
     overlap: bool = False
     compile: bool = False
+    pp_partition: str = ""  # "" (uniform) or "custom:0,8,14,20,26" (stage start layers, then n_layers)
     pp_schedule: str = "1f1b"
+    profile_mode: str = "none"  # none | layers | instructions
     precision: str = "bf16"
     micro_batch: int = 1
     global_batch: int = 1
@@ -257,11 +348,69 @@ class CellView:
             out.append("fsdp")
         if self.recompute != "none":
             out.append(f"recompute:{self.recompute}")
+        if self.recompute_layers > 0:
+            out.append("recompute_layers")
+        if self.offload_alpha > 0:
+            out.append("offload")
+        if self.zero in (1, 2, 3):
+            out.append(f"zero:{self.zero}")
+        if self.cpu_offload:
+            out.append("cpu_offload")
+        if self.interconnect == "pcie":
+            out.append("interconnect:pcie")
         if self.overlap:
             out.append("overlap")
         if self.compile:
             out.append("compile")
+        if self.pp_partition:
+            out.append("pp_partition")
+        if self.profile_mode == "layers":
+            out.append("profile:layers")
         return out
+
+
+PP_PARTITION_MAX = 4096
+
+
+def stage_starts(partition: str, n_layers: int, pp: int) -> list[int]:
+    """The first layer of each pipeline stage for ``partition``.
+
+    ``""``/``"uniform"``: :func:`uniform_starts`. ``"custom:0,8,14,20,26"`` (Merak's syntax, the
+    Perseus artifact's): stage ``i`` begins at layer ``a_i``; the last number is the model's layer
+    count. The embedding is in the first stage, the output layer in the last. ValueError naming
+    what is wrong otherwise.
+    """
+    if partition in ("", "uniform"):
+        return uniform_starts(n_layers, pp)
+    if not partition.startswith("custom:"):
+        raise ValueError(f"pp_partition {partition!r}: expected 'uniform' or 'custom:0,a1,...,n_layers'")
+    body = partition.removeprefix("custom:")
+    parts = body.split(",")
+    if len(parts) > PP_PARTITION_MAX or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"pp_partition {partition!r}: stage start layers must be whole numbers separated by commas")
+    nums = [int(p) for p in parts]
+    if len(nums) != pp + 1:
+        raise ValueError(
+            f"pp_partition {partition!r} names {len(nums) - 1} stages (start layers, then the layer count) "
+            f"but pp is {pp}"
+        )
+    if nums[0] != 0:
+        raise ValueError(f"pp_partition {partition!r}: the first stage must begin at layer 0")
+    if nums[-1] != n_layers:
+        raise ValueError(f"pp_partition {partition!r} ends at {nums[-1]}, but the model has {n_layers} layers")
+    if any(b <= a for a, b in itertools.pairwise(nums)):
+        raise ValueError(f"pp_partition {partition!r}: start layers must increase (every stage holds >= 1 layer)")
+    return nums[:-1]
+
+
+def uniform_starts(n_layers: int, pp: int) -> list[int]:
+    """Contiguous stages, earlier stages taking the remainder (:func:`charllm.train.model.split_layers`)."""
+    base, rem = divmod(n_layers, pp)
+    out, start = [], 0
+    for s in range(pp):
+        out.append(start)
+        start += base + (1 if s < rem else 0)
+    return out
 
 
 def device_of(gpu_type: str) -> str:
@@ -270,7 +419,7 @@ def device_of(gpu_type: str) -> str:
 
 
 def recompute_mode(value: object) -> str:
-    """``true``/``false``/``"none"``/``"full"``/``"selective"`` as one of :data:`RECOMPUTE_MODES`."""
+    """``true``/``false``/``"none"``/``"full"``/``"selective"``/``"kwai"`` as one of :data:`RECOMPUTE_MODES`."""
     if value is True:
         return "full"
     if value is False or value is None:
@@ -300,6 +449,17 @@ def _counts(v: CellView) -> list[Refusal]:
         out.append(Refusal("model", "model.n_kv_heads, num_experts and top_k must be >= 0", "layout"))
     if v.world_size is not None and v.world_size < 1:
         out.append(Refusal("gpus", f"world size must be >= 1, got {v.world_size}", "layout"))
+    if v.recompute not in RECOMPUTE_MODES:
+        modes = ", ".join(RECOMPUTE_MODES)
+        out.append(Refusal("recompute", f"recompute must be one of {modes}; got {v.recompute!r}", "layout"))
+    if v.recompute_layers < 0:
+        out.append(Refusal("recompute_layers", f"recompute_layers must be >= 0, got {v.recompute_layers}", "layout"))
+    if not 0.0 <= v.offload_alpha <= 1.0:
+        out.append(Refusal("offload_alpha", f"offload_alpha must be in 0..1, got {v.offload_alpha}", "layout"))
+    if v.zero not in ZERO_STAGES:
+        out.append(Refusal("zero", f"zero must be one of 0, 1, 2, 3; got {v.zero}", "layout"))
+    if v.interconnect not in INTERCONNECTS:
+        out.append(Refusal("interconnect", f"interconnect must be native or pcie; got {v.interconnect!r}", "layout"))
     return out
 
 
@@ -328,11 +488,18 @@ def _layout(v: CellView) -> list[Refusal]:
         no("tp", f"tensor parallel size {v.tp} does not divide {m.name}'s {m.kv_heads} KV heads")
     if m.ffn_hidden % v.tp:
         no("tp", f"tensor parallel size {v.tp} does not divide {m.name}'s MLP width (ffn_hidden) {m.ffn_hidden}")
-    # pipeline stages hold equal numbers of layers
+    # pipeline stages hold equal numbers of layers, or the layers a custom partition gives them
     stages = v.pp * v.pp_virtual
     if v.pp_virtual > 1 and v.pp == 1:
         no("pp_virtual", f"virtual pipeline stages (pp_virtual {v.pp_virtual}) need pipeline parallelism (pp > 1)")
-    if m.n_layers % stages:
+    if v.pp_partition:
+        try:
+            stage_starts(v.pp_partition, m.n_layers, v.pp)
+        except ValueError as err:
+            no("pp_partition", str(err))
+        if v.pp_virtual > 1:
+            no("pp_partition", "a custom pipeline partition with virtual stages (pp_virtual > 1) is not supported")
+    elif m.n_layers % stages:
         if v.pp_virtual == 1:
             no("pp", f"pipeline parallel size {v.pp} does not divide {m.name}'s {m.n_layers} layers")
         else:
@@ -340,6 +507,19 @@ def _layout(v: CellView) -> list[Refusal]:
                 "pp_virtual",
                 f"pp*pp_virtual = {v.pp}*{v.pp_virtual} = {stages} does not divide {m.name}'s {m.n_layers} layers",
             )
+    # recompute, offload and ZeRO knobs
+    per_stage = m.n_layers // stages if stages and not m.n_layers % stages else m.n_layers
+    if v.recompute_layers > 0 and v.recompute == "none":
+        no("recompute_layers", f"recompute_layers {v.recompute_layers} without recompute (set recompute)")
+    elif v.recompute_layers > per_stage:
+        no(
+            "recompute_layers",
+            f"recompute_layers {v.recompute_layers} exceeds the {per_stage} layers of a pipeline stage of {m.name}",
+        )
+    if v.zero and v.fsdp:
+        no("zero", f"zero {v.zero} with fsdp: both shard the model over dp; use one (fsdp is zero 3)")
+    if v.cpu_offload and not (v.zero in (2, 3) or v.fsdp):
+        no("cpu_offload", "cpu_offload offloads a sharded model: it needs zero 2 or 3 (or fsdp)")
     # batches
     if v.global_batch % (v.micro_batch * v.dp):
         no(
@@ -425,6 +605,12 @@ def _engine(v: CellView) -> list[Refusal]:
             f"engine {caps.name!r} runs tp with sequence parallelism: sequence length {v.seq_len} "
             f"must be divisible by tp {v.tp}",
         )
+    if v.cp > 1 and "cp" in caps.parallel and v.seq_len % (v.cp * caps.cp_chunks_per_rank):
+        no(
+            "seq_len",
+            f"engine {caps.name!r} splits the sequence into {v.cp * caps.cp_chunks_per_rank} chunks (2 per "
+            f"context-parallel rank, load-balanced causal): sequence length {v.seq_len} does not divide",
+        )
     if v.tp > 1 and caps.vocab_parallel and padded_vocab(v.model.vocab_size) % v.tp:
         no(
             "tp",
@@ -477,9 +663,16 @@ def spec_view(cell: CellSpec, device_type: str | None = None) -> CellView:
         ep=p.ep,
         fsdp=p.fsdp,
         recompute=o.recompute_granularity if o.recompute else "none",
+        recompute_layers=o.recompute_layers,
+        offload_alpha=o.offload_alpha,
+        zero=o.zero,
+        cpu_offload=o.cpu_offload,
+        interconnect=o.interconnect,
         overlap=o.overlap,
         compile=o.compile,
+        pp_partition=p.pp_partition,
         pp_schedule=o.pp_schedule,
+        profile_mode=o.profile_mode,
         precision=cell.precision,
         micro_batch=cell.micro_batch,
         global_batch=cell.global_batch,
@@ -554,7 +747,12 @@ def _megatron_settings(v: CellView, te: bool) -> dict[str, str]:
         "none": "none",
         "full": "full (uniform, 1 layer per group)",
         "selective": "selective (core attention)",
+        "kwai": "kwai (refused)",
     }[v.recompute]
+    if v.recompute == "full" and v.recompute_layers:
+        out["recompute"] = f"full (block, first {v.recompute_layers} layers per stage)"
+    if v.interconnect == "pcie":
+        out["interconnect"] = "pcie (NCCL P2P and NVLS off)"
     overlap = []
     if v.overlap and not v.fsdp and v.dp > 1:
         overlap.append("grad reduce + param gather")
@@ -564,8 +762,23 @@ def _megatron_settings(v: CellView, te: bool) -> dict[str, str]:
     return out
 
 
+def torch_recompute_words(mode: str, layers: int = 0) -> str:
+    """How the torch engine recomputes (``describe()["recompute"]`` says the same)."""
+    words = {
+        "none": "none",
+        "full": "full (every block)",
+        "selective": "selective (SDPA core)",
+        "kwai": "kwai (norms + MLP activation)",
+    }[mode]
+    if mode != "none" and layers:
+        words = words.replace("every block", "block") + f", first {layers} blocks per stage"
+    return words
+
+
 def _torch_settings(v: CellView) -> dict[str, str]:
     out = {"tp": str(v.tp), "pp": f"{v.pp}, {v.pp_schedule}" if v.pp > 1 else "1"}
+    if v.cp > 1:
+        out["cp"] = f"{v.cp}, ring attention (load-balanced causal split)"
     plain_ddp = v.dp > 1 and v.tp == 1 and v.pp == 1 and not v.fsdp
     if v.fsdp:
         out["dp"] = f"{v.dp}, FSDP2 fully_shard per block"
@@ -573,7 +786,19 @@ def _torch_settings(v: CellView) -> dict[str, str]:
         out["dp"] = f"{v.dp}, DistributedDataParallel (bucketed all-reduce overlapped with backward)"
     else:
         out["dp"] = f"{v.dp}, all-reduce after backward" if v.dp > 1 else "1"
-    out["recompute"] = "full (every block)" if v.recompute == "full" else "none"
+    if v.zero == 1:
+        out["dp"] = f"{v.dp}, DistributedDataParallel + ZeroRedundancyOptimizer (ZeRO-1)"
+    elif v.zero in (2, 3):
+        out["dp"] = f"{v.dp}, FSDP2 fully_shard per block (ZeRO-{v.zero}" + (
+            ", reshard after forward)" if v.zero == 3 else ", parameters kept gathered)"
+        )
+    if v.cpu_offload:
+        out["dp"] += ", CPUOffloadPolicy"
+    out["recompute"] = torch_recompute_words(v.recompute, v.recompute_layers)
+    if v.offload_alpha > 0:
+        out["offload"] = f"alpha {v.offload_alpha:g} of block activations to pinned host memory"
+    if v.interconnect == "pcie":
+        out["interconnect"] = "pcie (NCCL P2P and NVLS off)"
     out["compile"] = "torch.compile per block" if v.compile else "off"
     out["overlap (cc)"] = ("DDP bucket overlap" if plain_ddp else "requested, a no-op here") if v.overlap else "off"
     return out

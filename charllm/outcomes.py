@@ -27,6 +27,9 @@ class Outcome(enum.StrEnum):
     TIMEOUT = "timeout"  # the job ran out of its time limit
     CANCELLED = "cancelled"  # cancelled by a user or an administrator
     LOST = "lost"  # node failure, pre-emption, a job the scheduler forgot
+    # the job did not run the cell on purpose (GPU control the cluster profile's gpu_control denies):
+    # a result, never failed or retried (result.json's error says why)
+    SKIPPED = "skipped"
     # reports only: a planned cell repeat for which no attempt ended
     MISSING = "missing"
 
@@ -44,13 +47,23 @@ class Outcome(enum.StrEnum):
             return None
 
 
-RESULT_OUTCOMES = frozenset({Outcome.OK, Outcome.OOM})
+RESULT_OUTCOMES = frozenset({Outcome.OK, Outcome.OOM, Outcome.SKIPPED})
 # what a job's own result.json may say, and what a collected attempt may be recorded as
-ENDED_OUTCOMES = (Outcome.OK, Outcome.OOM, Outcome.FAILED, Outcome.TIMEOUT, Outcome.CANCELLED, Outcome.LOST)
+ENDED_OUTCOMES = (
+    Outcome.OK,
+    Outcome.OOM,
+    Outcome.SKIPPED,
+    Outcome.FAILED,
+    Outcome.TIMEOUT,
+    Outcome.CANCELLED,
+    Outcome.LOST,
+)
 # which attempt of a cell repeat the tables show: the best, by this order (then the newest)
 PREFERENCE = {
     o: i
-    for i, o in enumerate((Outcome.OK, Outcome.OOM, Outcome.TIMEOUT, Outcome.FAILED, Outcome.CANCELLED, Outcome.LOST))
+    for i, o in enumerate(
+        (Outcome.OK, Outcome.OOM, Outcome.SKIPPED, Outcome.TIMEOUT, Outcome.FAILED, Outcome.CANCELLED, Outcome.LOST)
+    )
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -20,6 +21,15 @@ def campaigns_dir() -> Path:
 def home() -> Path:
     """Local results home: catalog, results, tables, figures (``CHARLLM_HOME``)."""
     return Path(os.environ.get("CHARLLM_HOME", _PKG_ROOT / "var")).resolve()
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB chunks (hex)."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def catalog_url() -> str:

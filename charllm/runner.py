@@ -41,8 +41,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from charllm.backends import make_backend
-from charllm.backends.base import Backend, JobHandle, JobIdentity, JobState, JobStatus, parse_time_limit
+from charllm.backends import backend_class, make_backend
+from charllm.backends.base import Backend, JobHandle, JobIdentity, JobState, JobStatus
 from charllm.campaign import Cell, LoadedCampaign, load_campaign
 from charllm.catalog import AttemptRow, Catalog, Reserved, owner_alive, process_token
 from charllm.errors import (
@@ -160,31 +160,8 @@ def select_cells(lc: LoadedCampaign, pattern: str | None) -> list[Cell]:
 
 
 def backend_for(lc: LoadedCampaign, home: Path) -> Backend:
-    """The campaign's backend, built from its cluster profile."""
-    cluster = lc.cluster
-    if lc.campaign.backend == "local":
-        return make_backend(
-            {
-                "kind": "local",
-                "root": str(home / "work"),
-                "time_limit_s": parse_time_limit(cluster.time_limit),
-                "slots": cluster.local_slots,
-            }
-        )
-    conn_id = lc.campaign.connection_id
-    if not conn_id:
-        raise ConfigError(lc.source, "connection_id", "a slurm campaign needs an Airflow SSH connection id")
-    return make_backend(
-        {
-            "kind": "slurm",
-            "conn_id": conn_id,
-            "workdir": cluster.workdir or "charllm-work",
-            "partition": cluster.partition,
-            "poll_interval_s": cluster.poll_interval_s,
-            # "local": this machine's Slurm commands (Airflow on a login node; the tests' fake scheduler)
-            "transport": setting("slurm_transport", cluster, "ssh", str),
-        }
-    )
+    """The campaign's backend, built from its cluster profile (the registry's class says how)."""
+    return make_backend(backend_class(lc.campaign.backend, lc.source, "backend").spec_for(lc, home))
 
 
 @dataclass
@@ -243,7 +220,7 @@ class CampaignRunner:
     @property
     def data_home(self) -> Path | None:
         """Where relative dataset paths start: the results home on the local backend, else the login home."""
-        return self.home if self.backend.name == "local" else None
+        return self.home if self.backend.capabilities.runs_here else None
 
     @property
     def poll_interval_s(self) -> float:
@@ -305,6 +282,14 @@ class CampaignRunner:
         replaces another.
         """
         cells = self.select(pattern)
+        if getattr(self.lc.campaign, "prune", "none") != "none":  # charllm.predict.plan: one canary per model runs
+            from charllm.predict.plan import pruned
+
+            skip = pruned(self.lc)
+            for c in cells:
+                if c.cell_id in skip:
+                    log.info("cell %s (%s): pruned, not run: %s", c.name, c.cell_id, skip[c.cell_id])
+            cells = [c for c in cells if c.cell_id not in skip]
         self.register()
         reps = repeats or self.lc.campaign.repeats
         items = []
@@ -552,10 +537,6 @@ class CampaignRunner:
             "job_id": row.job_id,
         }
 
-    def mark_running(self, handle: JobHandle) -> None:
-        i = handle.identity
-        self.catalog.update_attempt(i.cell_id, i.repeat, i.attempt, state=AttemptState.RUNNING)
-
     # -- judging ------------------------------------------------------------------------
     def attempts_used(self, cell_id: str, repeat: int, run_id: str | None) -> int:
         """Attempts of a cell repeat made by run ``run_id`` (at least 1: the one that just ended)."""
@@ -787,15 +768,15 @@ class CampaignRunner:
         return info
 
     def visualize(self, run_id: str) -> list[str]:
-        import pandas as pd
 
+        from charllm.analysis.aggregate import read_table
         from charllm.analysis.figures import draw_all
 
         if not (self.tables_dir() / "cells.parquet").exists():
             log.info("no tables in %s yet (aggregate has not run): no figures drawn", self.tables_dir())
             return []
-        cells = pd.read_parquet(self.tables_dir() / "cells.parquet")
-        steps = pd.read_parquet(self.tables_dir() / "steps.parquet")
+        cells = read_table(self.tables_dir() / "cells.parquet")
+        steps = read_table(self.tables_dir() / "steps.parquet")
         if cells.empty:
             log.info("no results in %s yet: no figures drawn", self.tables_dir())
             return []

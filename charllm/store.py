@@ -12,7 +12,6 @@ and renamed into place, so a crash never leaves half a result where a reader loo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -29,6 +28,7 @@ from charllm import __version__
 from charllm.backends.base import OUTPUT_DIR, JobIdentity
 from charllm.errors import ResultError, StorageError
 from charllm.outcomes import ENDED_OUTCOMES, Outcome
+from charllm.paths import file_sha256
 
 OUTCOMES = tuple(str(o) for o in ENDED_OUTCOMES)  # what a result.json may say
 RESULT_FILE = "result.json"
@@ -59,14 +59,6 @@ def storage_error(err: OSError, path: Path | str, what: str) -> StorageError:
     elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         why = f"permission denied: {why}"
     return StorageError(f"{what}: cannot write {where}: {why}")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_result(job_dir: Path) -> dict[str, Any]:
@@ -160,7 +152,7 @@ def file_index(root: Path) -> dict[str, dict[str, Any]]:
     index: dict[str, dict[str, Any]] = {}
     for p in sorted(root.rglob("*")):
         if p.is_file():
-            index[str(p.relative_to(root))] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            index[str(p.relative_to(root))] = {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
     return index
 
 

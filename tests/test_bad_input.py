@@ -32,24 +32,9 @@ from charllm.campaign import (
 )
 from charllm.errors import ConfigError
 from charllm.shell import is_safe_name
+from tests.campaign_files import GOOD, write
 
 REPO = Path(__file__).resolve().parent.parent
-GOOD = """\
-name: t
-cluster: local-cpu
-model: tiny
-steps: 3
-sweep:
-  dp: [1, 2]
-  micro_batch: [1, 2]
-  global_batch: [8]
-"""
-
-
-def write(include: Path, text: str, name: str = "t.yaml") -> Path:
-    p = include / "campaigns" / name
-    p.write_text(text)
-    return p
 
 
 def refused(path: Path) -> ConfigError:

@@ -9,24 +9,14 @@ import pytest
 
 from charllm.campaign import cell_hash, discover, load_campaign
 from charllm.errors import ConfigError
+from tests import campaign_files
+from tests.campaign_files import GOOD
 
 REPO = Path(__file__).resolve().parent.parent
-GOOD = """\
-name: t
-cluster: local-cpu
-model: tiny
-steps: 3
-sweep:
-  dp: [1, 2]
-  micro_batch: [1, 2]
-  global_batch: [8]
-"""
 
 
 def write(include: Path, text: str, name: str = "t.yaml") -> Path:
-    p = include / "campaigns" / name
-    p.write_text(textwrap.dedent(text))
-    return p
+    return campaign_files.write(include, textwrap.dedent(text), name)
 
 
 def test_every_shipped_campaign_validates():

@@ -6,7 +6,8 @@ place with ``os.replace``):
 - ``cells.parquet``: one row per cell and repeat: the newest attempt that ended with a result
   (so OOM cells appear as OOM), the job's metrics, ``measured_at`` (the manifest's
   ``collected_at``), and the numbers recomputed from the telemetry (``energy_sampled_j`` ...,
-  ``efficiency_samples_per_s_mj``);
+  ``efficiency_samples_per_s_mj``), and ``max_memory_allocated[_step2]_{mean,total}_bytes``:
+  the mean and sum over ranks of each rank's allocator peak (result.json's ``per_rank``);
 - ``steps.parquet``: one row per training step of every ok cell;
 - ``gpus.parquet``: one row per cell x repeat x GPU (host, rank, slot, UUID, PCI bus id,
   temperatures, power, clocks, NVLink/PCIe totals, throttle time by reason);
@@ -26,7 +27,9 @@ NVML's board power already covers the HBM, so ``mem_power_w`` is reported on its
 ``energy_per_step_sampled_j`` = energy / measured steps;
 ``efficiency_samples_per_s_mj`` = global_batch / (step_time_median_s * energy_per_step_j / 1e6),
 samples / (s * MJ). The NVML energy counter's difference over the same window is kept as a
-cross-check (``energy_counter_ratio`` = counter / sampled, ~1).
+cross-check (``energy_counter_over_sampled`` = counter / sampled, ~1). Both numbers are
+defined once, in :mod:`charllm.definitions`, which the job calls too; result files that carry
+the older names (``samples_per_s_per_mj``) are read under the new ones.
 """
 
 from __future__ import annotations
@@ -48,12 +51,19 @@ import pyarrow.parquet as pq
 
 from charllm.analysis import telemetry as tele
 from charllm.catalog import AttemptRow, Catalog
+from charllm.definitions import (
+    METRIC_ALIASES,
+    canonical_metrics,
+    counter_over_sampled,
+    efficiency_samples_per_s_mj,
+    measured_window,
+)
 from charllm.outcomes import PREFERENCE, Outcome
 from charllm.store import MANIFEST
 
 _PREFER: dict[str, int] = {str(o): i for o, i in PREFERENCE.items()}  # ok, oom, failed, timeout, cancelled, lost
 INDEX = "_aggregated.json"
-INDEX_VERSION = 2
+INDEX_VERSION = 3  # 3: recompute_mode, the Kwai/PCIe knob columns, per-rank memory
 KEY = ["cell_id", "repeat", "attempt"]
 TABLES = ("cells", "steps", "gpus", "kernels")
 TELEMETRY_DIR = "telemetry.parquet"
@@ -160,16 +170,6 @@ def _rank_files(directory: Path, pattern: re.Pattern[str]) -> list[tuple[int, Pa
     return sorted(found)
 
 
-def measure_window(steps: pd.DataFrame) -> tuple[float, float, int] | None:
-    """(t0, t1, measured steps) of a steps.csv table; None without measured steps."""
-    if steps.empty or "phase" not in steps:
-        return None
-    meas = steps[steps["phase"] == "measure"]
-    if meas.empty:
-        return None
-    return float(meas["start_unix_s"].min()), float(meas["end_unix_s"].max()), len(meas)
-
-
 def read_attempt(
     a: AttemptRow, campaign: str, *, with_telemetry: bool = True, add_mem_power: bool = False
 ) -> AttemptData:
@@ -191,12 +191,13 @@ def read_attempt(
         **_flat_cell(cell),
     }
     row["layout"] = layout_label(row)
-    for k, v in (manifest.get("metrics") or {}).items():
+    for k, v in canonical_metrics(manifest.get("metrics") or {}).items():
         if isinstance(v, bool) or not isinstance(v, int | float):
             continue
         row[k] = float(v)
     data = AttemptData(key, row)
     out = rdir / "out"
+    row.update(_per_rank_memory(out / "result.json"))
     steps_csv = out / "steps.csv"
     if a.outcome != Outcome.OK or not steps_csv.is_file():
         return data
@@ -205,7 +206,8 @@ def read_attempt(
     steps.insert(0, "repeat", a.repeat)
     steps.insert(0, "cell_id", a.cell_id)
     data.steps = steps
-    win = measure_window(steps)
+    cols = ("phase", "start_unix_s", "end_unix_s")
+    win = measured_window(zip(*(steps[c] for c in cols), strict=True)) if set(cols) <= set(steps) else None
     if win is None:
         return data
     t0, t1, n_steps = win
@@ -233,6 +235,22 @@ def read_attempt(
     return data
 
 
+def _per_rank_memory(result_json: Path) -> dict[str, float]:
+    """Mean and sum over ranks of each rank's allocator peak (the scaling table's avg/total memory)."""
+    try:
+        per_rank = json.loads(result_json.read_text()).get("per_rank") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    out: dict[str, float] = {}
+    for key in ("max_memory_allocated_bytes", "max_memory_allocated_step2_bytes"):
+        vals = [float(v) for v in per_rank.get(key) or [] if isinstance(v, int | float) and not isinstance(v, bool)]
+        if vals:
+            stem = key.removesuffix("_bytes")
+            out[f"{stem}_mean_bytes"] = float(np.mean(vals))
+            out[f"{stem}_total_bytes"] = float(np.sum(vals))
+    return out
+
+
 def _cell_energy(row: dict[str, Any], gpus: list[dict[str, Any]], add_mem_power: bool) -> None:
     """Cell-level energy and efficiency from the per-GPU numbers (see the module docstring)."""
     g = pd.DataFrame(gpus)
@@ -249,11 +267,11 @@ def _cell_energy(row: dict[str, Any], gpus: list[dict[str, Any]], add_mem_power:
     row["energy_sampled_j"] = energy
     row["energy_mem_sampled_j"] = e_mem
     row["energy_counter_delta_j"] = e_cnt
-    row["energy_counter_ratio"] = e_cnt / e_gpu if e_gpu else np.nan
+    row["energy_counter_over_sampled"] = counter_over_sampled(e_cnt, e_gpu)
     row["energy_per_step_sampled_j"] = per_step
     st = row.get("step_time_median_s") or np.nan
     gb = row.get("global_batch") or np.nan
-    row["efficiency_samples_per_s_mj"] = gb / (st * per_step / 1e6)
+    row["efficiency_samples_per_s_mj"] = efficiency_samples_per_s_mj(gb, st, per_step)
     # job-level temperature/power/clock numbers where the job did not report them
     fills = {
         "avg_gpu_temp_c": g["avg_gpu_temp_c"].mean(),
@@ -306,11 +324,27 @@ def _load_index(out_dir: Path) -> dict[str, Any]:
     return dict(idx.get("attempts", {}))
 
 
+# columns older tables carry under an older name that the aggregation wrote (they win over
+# the job's copy of the same number under the one name)
+_AGGREGATION_OLD_NAMES = frozenset({"energy_counter_ratio"})
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A table written by any version of charllm, older metric names read under the one name."""
+    df = pd.read_parquet(path)
+    old = [c for c in df.columns if c in METRIC_ALIASES]
+    if not old:
+        return df
+    drop = [c for c in old if METRIC_ALIASES[c] in df.columns and c not in _AGGREGATION_OLD_NAMES]
+    drop += [METRIC_ALIASES[c] for c in old if c in _AGGREGATION_OLD_NAMES and METRIC_ALIASES[c] in df.columns]
+    return df.drop(columns=drop).rename(columns=METRIC_ALIASES)
+
+
 def _keep_rows(path: Path, keep: set[str]) -> pd.DataFrame:
     """Rows of an existing table whose attempt is in ``keep`` (key strings)."""
     if not keep or not path.is_file():
         return pd.DataFrame()
-    df = pd.read_parquet(path)
+    df = read_table(path)
     if df.empty or not set(KEY) <= set(df.columns):
         return pd.DataFrame()
     keys = df["cell_id"].astype(str) + "/r" + df["repeat"].astype(str) + "/a" + df["attempt"].astype(str)
@@ -419,27 +453,3 @@ def aggregate(
         "read_attempts": len(fresh),
         "reused_attempts": len(reuse),
     }
-
-
-def build_tables(
-    catalog: Catalog, campaign: str, cell_ids: Iterable[str] | None = None
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """cells and steps tables in memory (no files, no telemetry); kept for callers of the old API."""
-    wanted = set(cell_ids) if cell_ids is not None else None
-    data = [
-        read_attempt(a, campaign, with_telemetry=False)
-        for a in pick_attempts(catalog.attempts(campaign=campaign))
-        if wanted is None or a.cell_id in wanted
-    ]
-    cells = _sorted(pd.DataFrame([d.cell for d in data]), ["cell_name", "repeat"])
-    steps = _concat([d.steps for d in data if d.steps is not None])
-    return cells, steps
-
-
-def read_tables(tables_dir: Path) -> dict[str, pd.DataFrame]:
-    """The small tables of a tables directory (telemetry is left on disk: read it by columns)."""
-    out = {}
-    for name in TABLES:
-        p = Path(tables_dir) / f"{name}.parquet"
-        out[name] = pd.read_parquet(p) if p.is_file() else pd.DataFrame()
-    return out

@@ -34,6 +34,7 @@ import contextvars
 import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from charllm.analysis.aggregate import layout_label
+from charllm.analysis.aggregate import layout_label, read_table
+from charllm.definitions import as_float
+from charllm.outcomes import Outcome
 
 EFFICIENCY = "efficiency_samples_per_s_mj"
 OPT_NAMES = {"00000": "base", "10000": "cc", "01000": "act", "11000": "cc+act"}
@@ -124,14 +127,6 @@ def _save(fig: plt.Figure, out_dir: Path, stem: str, data: pd.DataFrame | None =
     return paths
 
 
-def _num(x: Any) -> float:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return math.nan
-    return v
-
-
 # -- one row per cell --------------------------------------------------------------------
 
 
@@ -167,7 +162,7 @@ def cell_summary(cells: pd.DataFrame) -> pd.DataFrame:
         df["layout"] = [layout_label(r) for r in df.to_dict("records")]
     rows = []
     for _cid, g in df.groupby("cell_id", sort=False):
-        ok = g[g["outcome"] == "ok"]
+        ok = g[g["outcome"] == Outcome.OK]
         base = (ok if not ok.empty else g).iloc[0].to_dict()
         if not ok.empty:
             for col in ok.columns:
@@ -175,7 +170,7 @@ def cell_summary(cells: pd.DataFrame) -> pd.DataFrame:
                     continue
                 if pd.api.types.is_numeric_dtype(ok[col]) and not pd.api.types.is_bool_dtype(ok[col]):
                     base[col] = ok[col].mean()
-            base["outcome"] = "ok"
+            base["outcome"] = Outcome.OK
         base["repeats"] = len(g)
         rows.append(base)
     out = pd.DataFrame(rows)
@@ -219,7 +214,7 @@ def _measured(summary: pd.DataFrame, col: str) -> bool:
     """Whether any ok cell has a finite value of ``col``."""
     if col not in summary or summary.empty:
         return False
-    ok = summary[summary["outcome"] == "ok"] if "outcome" in summary else summary
+    ok = summary[summary["outcome"] == Outcome.OK] if "outcome" in summary else summary
     vals = pd.to_numeric(ok[col], errors="coerce").to_numpy(float)
     return bool(np.isfinite(vals).any())
 
@@ -290,8 +285,8 @@ def grouped_panels(
                     continue
                 r = row.iloc[0]
                 outcome = str(r.get("outcome"))
-                val = _num(r.get(col)) * _SCALE.get(col, 1.0) if outcome == "ok" else math.nan
-                if normalise and col == normalise and outcome == "ok":
+                val = as_float(r.get(col)) * _SCALE.get(col, 1.0) if outcome == Outcome.OK else math.nan
+                if normalise and col == normalise and outcome == Outcome.OK:
                     if math.isnan(ref):
                         ref = val
                     val = val / ref if ref else math.nan
@@ -304,7 +299,7 @@ def grouped_panels(
                     "cell_name": r.get("cell_name"),
                 }
                 records.append(rec)
-                if outcome != "ok":
+                if outcome != Outcome.OK:
                     pending.append((x, outcome))
                     continue
                 if ser is None and colors is not None:
@@ -500,8 +495,8 @@ def _heatmap_figure(
         ax.set_ylabel("cell", fontsize=8)
         ax.set_title(label, fontsize=9)
         for ri, name in enumerate(m.index):
-            oc = outcome.get(name, "ok")
-            if oc != "ok":
+            oc = outcome.get(name, Outcome.OK)
+            if oc != Outcome.OK:
                 ax.add_patch(
                     plt.Rectangle(
                         (-0.5, ri - 0.5), max(ngpu, 1), 1, fill=False, hatch="///", edgecolor="#c44e52", linewidth=0
@@ -597,7 +592,7 @@ def pareto_figure(summary: pd.DataFrame, out_dir: Path, title: str, colors: dict
     """
     ecol = _energy_column(summary)
     colors = colors or cell_colors(summary["cell_name"].tolist())
-    ok = summary[(summary["outcome"] == "ok")].copy()
+    ok = summary[(summary["outcome"] == Outcome.OK)].copy()
     ok = ok[np.isfinite(ok["step_time_median_s"].astype(float)) & np.isfinite(ok[ecol].astype(float))]
     ok["workload"] = [
         f"{m} gb{int(g)} s{int(q)}" for m, g, q in zip(ok["model"], ok["global_batch"], ok["seq_len"], strict=True)
@@ -645,11 +640,11 @@ def pareto_figure(summary: pd.DataFrame, out_dir: Path, title: str, colors: dict
                     "step_time_s": x,
                     "energy_per_step_j": y * 1e3,
                     "on_front": front,
-                    "outcome": "ok",
+                    "outcome": Outcome.OK,
                 }
             )
         )
-    bad = summary[summary["outcome"] != "ok"]
+    bad = summary[summary["outcome"] != Outcome.OK]
     if not bad.empty:
         txt = "not drawn: " + "; ".join(
             f"{n} ({o.upper()})" for n, o in zip(bad["cell_name"], bad["outcome"], strict=True)
@@ -683,7 +678,7 @@ def drift_figure(
     else:
         return []
     colors = colors or cell_colors(cells["cell_name"].tolist())
-    ok = cells[(cells["outcome"] == "ok") & cells["measured_at"].notna()].copy()
+    ok = cells[(cells["outcome"] == Outcome.OK) & cells["measured_at"].notna()].copy()
     ok["at"] = pd.to_datetime(ok["measured_at"], utc=True)
     ok["night"] = ok["at"].dt.normalize()
     ok["value"] = ok[metric].astype(float)
@@ -725,12 +720,12 @@ def throughput_figure(
     records = []
     for i, name in enumerate(names):
         sub = cells[cells["cell_name"] == name]
-        ok = sub[sub["outcome"] == "ok"]
+        ok = sub[sub["outcome"] == Outcome.OK]
         if not ok.empty and "tokens_per_s" in ok:
             v = ok["tokens_per_s"]
             ax.bar(i, v.mean(), color=colors.get(str(name), "#4c72b0"))
             ax.errorbar(i, v.mean(), yerr=[[v.mean() - v.min()], [v.max() - v.mean()]], color="k", capsize=3)
-            records.append({"cell_name": name, "tokens_per_s": v.mean(), "repeats": len(v), "outcome": "ok"})
+            records.append({"cell_name": name, "tokens_per_s": v.mean(), "repeats": len(v), "outcome": Outcome.OK})
         else:
             pending.append((i, str(sub["outcome"].iloc[0])))
             records.append(
@@ -741,7 +736,7 @@ def throughput_figure(
     ax.set_xlabel("cell (bar: mean over ok repeats; whisker: min to max)")
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
-    if pending and not any(r["outcome"] == "ok" for r in records):
+    if pending and not any(r["outcome"] == Outcome.OK for r in records):
         ax.set_ylim(0, 1)
     ax.set_xlim(-0.6, len(names) - 0.4)
     for i, oc in pending:
@@ -832,7 +827,7 @@ def _read(tables_dir: Path | None, name: str) -> pd.DataFrame:
     if tables_dir is None:
         return pd.DataFrame()
     p = tables_dir / f"{name}.parquet"
-    return pd.read_parquet(p) if p.is_file() else pd.DataFrame()
+    return read_table(p) if p.is_file() else pd.DataFrame()
 
 
 def _nights(cells: pd.DataFrame) -> int:
@@ -897,6 +892,100 @@ def draw_all(
     return paths
 
 
+# -- the figure registry -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FigureData:
+    """Everything one :func:`draw_all` call has to draw from (what a figure's functions receive)."""
+
+    campaign: str
+    out_dir: Path
+    cells: pd.DataFrame
+    steps: pd.DataFrame
+    summary: pd.DataFrame  # :func:`cell_summary` of ``cells``, GPU panel columns present (NaN where unmeasured)
+    gpus: pd.DataFrame
+    kernels: pd.DataFrame
+    schedule: str | None
+    colors: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A figure :func:`draw_all` draws where ``applies_to`` says the data supports it."""
+
+    stem: str  # the file stem (a figure may write several, e.g. ``heatmaps``: two)
+    applies_to: Callable[[FigureData], bool]
+    draw: Callable[[FigureData], list[Path]]  # writes under ``out_dir`` (it exists), returns the paths
+
+
+#: stem -> figure, drawn in this order
+FIGURES: dict[str, Figure] = {}
+
+
+def register_figure(
+    stem: str, applies_to: Callable[[FigureData], bool], draw: Callable[[FigureData], list[Path]]
+) -> Figure:
+    """Add (or replace) a figure of every campaign's run; returns it."""
+    fig = FIGURES[stem] = Figure(stem, applies_to, draw)
+    return fig
+
+
+def _has_summary(d: FigureData) -> bool:
+    return not d.summary.empty
+
+
+def _varies(group_cols: list[str], series_col: str) -> Callable[[FigureData], bool]:
+    return lambda d: _has_summary(d) and not _groups_with_variety(d.summary, group_cols, series_col).empty
+
+
+register_figure(
+    "throughput",
+    lambda d: True,
+    lambda d: throughput_figure(d.cells, d.out_dir, f"{d.campaign}: throughput per cell", colors=d.colors),
+)
+register_figure(
+    "loss",
+    lambda d: True,
+    lambda d: loss_figure(d.steps, d.cells, d.out_dir, f"{d.campaign}: training loss", colors=d.colors),
+)
+register_figure(
+    "fig4_parallelism",
+    lambda d: _has_summary(d) and "opt_code" in d.summary and bool((d.summary["opt_code"] == "01000").any()),
+    lambda d: fig4_parallelism(d.summary, d.out_dir, f"{d.campaign}: per parallel layout", colors=d.colors),
+)
+register_figure(
+    "fig8_optimisations",
+    _varies(["model", "layout", "micro_batch"], "opt_code"),
+    lambda d: fig8_optimisations(d.summary, d.out_dir, f"{d.campaign}: per optimisation code"),
+)
+register_figure(
+    "fig13_microbatch",
+    _varies(["model", "layout", "opt_code"], "micro_batch"),
+    lambda d: fig13_microbatch(d.summary, d.out_dir, f"{d.campaign}: per micro batch"),
+)
+register_figure(
+    "heatmaps",
+    lambda d: _has_summary(d) and not d.gpus.empty,
+    lambda d: heatmaps(d.gpus, d.summary, d.out_dir, d.campaign),
+)
+register_figure(
+    "fig15_kernels",
+    lambda d: _has_summary(d) and not d.kernels.empty,
+    lambda d: fig15_kernels(d.kernels, d.summary, d.out_dir, f"{d.campaign}: kernel time by category"),
+)
+register_figure(
+    "pareto",  # CPU cells have no energy
+    lambda d: _has_summary(d) and bool((d.summary["outcome"] == Outcome.OK).any()) and bool(_energy_column(d.summary)),
+    lambda d: pareto_figure(d.summary, d.out_dir, f"{d.campaign}: time / energy per step", colors=d.colors),
+)
+register_figure(
+    "drift",
+    lambda d: _has_summary(d) and (bool(d.schedule) or _nights(d.cells) > 1),
+    lambda d: drift_figure(d.cells, d.out_dir, f"{d.campaign}: nightly drift", colors=d.colors),
+)
+
+
 def _draw(
     cells: pd.DataFrame,
     steps: pd.DataFrame,
@@ -908,33 +997,32 @@ def _draw(
     schedule: str | None,
     colors: dict[str, Any],
 ) -> list[Path]:
-    paths = throughput_figure(cells, out_dir, f"{campaign}: throughput per cell", colors=colors)
-    paths += loss_figure(steps, cells, out_dir, f"{campaign}: training loss", colors=colors)
-    if summary.empty:
-        return paths
-    for col in (
-        EFFICIENCY,
-        "avg_gpu_temp_c",
-        "peak_gpu_temp_c",
-        "avg_power_w",
-        "peak_power_w",
-        "avg_sm_clock_mhz",
-        "step_time_median_s",
-    ):
-        if col not in summary:
-            summary[col] = math.nan
-    if "opt_code" in summary and (summary["opt_code"] == "01000").any():
-        paths += fig4_parallelism(summary, out_dir, f"{campaign}: per parallel layout", colors=colors)
-    if not _groups_with_variety(summary, ["model", "layout", "micro_batch"], "opt_code").empty:
-        paths += fig8_optimisations(summary, out_dir, f"{campaign}: per optimisation code")
-    if not _groups_with_variety(summary, ["model", "layout", "opt_code"], "micro_batch").empty:
-        paths += fig13_microbatch(summary, out_dir, f"{campaign}: per micro batch")
-    if gpus is not None and not gpus.empty:
-        paths += heatmaps(gpus, summary, out_dir, campaign)
-    if kernels is not None and not kernels.empty:
-        paths += fig15_kernels(kernels, summary, out_dir, f"{campaign}: kernel time by category")
-    if (summary["outcome"] == "ok").any() and _energy_column(summary):  # CPU cells have no energy
-        paths += pareto_figure(summary, out_dir, f"{campaign}: time / energy per step", colors=colors)
-    if schedule or _nights(cells) > 1:
-        paths += drift_figure(cells, out_dir, f"{campaign}: nightly drift", colors=colors)
+    if not summary.empty:
+        for col in (
+            EFFICIENCY,
+            "avg_gpu_temp_c",
+            "peak_gpu_temp_c",
+            "avg_power_w",
+            "peak_power_w",
+            "avg_sm_clock_mhz",
+            "step_time_median_s",
+        ):
+            if col not in summary:
+                summary[col] = math.nan
+    data = FigureData(
+        campaign,
+        out_dir,
+        cells,
+        steps,
+        summary,
+        gpus if gpus is not None else pd.DataFrame(),
+        kernels if kernels is not None else pd.DataFrame(),
+        schedule,
+        colors,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for fig in list(FIGURES.values()):
+        if fig.applies_to(data):
+            paths += fig.draw(data)
     return paths

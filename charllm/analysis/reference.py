@@ -20,6 +20,9 @@ from typing import Any
 
 import pandas as pd
 
+from charllm.definitions import METRIC_ALIASES
+from charllm.outcomes import Outcome
+
 
 @dataclass(frozen=True)
 class Check:
@@ -58,7 +61,7 @@ def _band(b: Any) -> dict[str, Any]:
 def check_references(references: Iterable[Any], cells: pd.DataFrame) -> list[Check]:
     """Checks of every band on every ok cell repeat its glob matches (OOM and failed cells are skipped)."""
     checks: list[Check] = []
-    ok = cells[cells["outcome"] == "ok"] if not cells.empty else cells
+    ok = cells[cells["outcome"] == Outcome.OK] if not cells.empty else cells
     for ref in references:
         b = _band(ref)
         hit = ok[[fnmatch.fnmatchcase(str(n), b["cells"]) for n in ok["cell_name"]]] if not ok.empty else ok
@@ -79,8 +82,9 @@ def check_references(references: Iterable[Any], cells: pd.DataFrame) -> list[Che
                 )
             )
             continue
+        column = METRIC_ALIASES.get(b["metric"], b["metric"])  # an older name reads the one name
         for r in hit.to_dict("records"):
-            v = r.get(b["metric"])
+            v = r.get(column)
             measured = float(v) if isinstance(v, int | float) and v is not None else math.nan
             if math.isnan(measured):
                 status, good = "missing", False
@@ -174,7 +178,7 @@ _CELL_COLS = (
     ("avg_gpu_temp_c", "avg °C"),
     ("peak_gpu_temp_c", "peak °C"),
     ("avg_power_w", "avg W"),
-    ("energy_counter_ratio", "counter/sampled"),
+    ("energy_counter_over_sampled", "counter/sampled"),
 )
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 
+from charllm.definitions import counter_over_sampled
 from charllm.telemetry.schema import (
     CLOCK_EVENT_REASONS,
     GPU_COLUMNS,
@@ -311,7 +312,7 @@ def rank_summaries(table: pa.Table, t0: float, t1: float) -> list[dict[str, Any]
         row["energy_gpu_j"] = e_gpu
         row["energy_mem_j"] = vals["mem_power_w"]
         row["energy_counter_j"] = vals["energy_total_j"]
-        row["energy_counter_over_sampled"] = vals["energy_total_j"] / e_gpu if e_gpu and not math.isnan(e_gpu) else NAN
+        row["energy_counter_over_sampled"] = counter_over_sampled(vals["energy_total_j"], e_gpu)
         row["avg_power_w"] = e_gpu / dur
         row["avg_mem_power_w"] = vals["mem_power_w"] / dur
         row["pcie_tx_bytes"] = vals["pcie_tx_total_bytes"]

@@ -12,7 +12,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from charllm.campaign import LoadedCampaign
 
 
 class JobState(enum.Enum):
@@ -198,10 +201,38 @@ STDERR_NAME = "stderr.log"
 OUTPUT_DIR = "out"
 
 
+@dataclass(frozen=True)
+class BackendCapabilities:
+    """What a backend offers the layers above it, so that none of them asks for its name."""
+
+    # jobs run on this machine with the orchestrator's own interpreter and file system: no
+    # environment job (the install stage only checks this interpreter), a dataset folder relative
+    # to the results home, and paths quoted as they are (no ``~`` to expand on a login node)
+    runs_here: bool = False
+    # a campaign on it names an Airflow SSH connection (``connection_id``)
+    needs_connection: bool = False
+
+
 class Backend(ABC):
-    """Submit, watch, cancel and fetch jobs on one cluster."""
+    """Submit, watch, cancel and fetch jobs on one cluster.
+
+    A new backend subclasses this, sets :attr:`name` and :attr:`capabilities`, implements the
+    abstract methods plus :meth:`from_spec` and :meth:`spec_for`, and registers itself with
+    :func:`charllm.backends.register_backend` (see ``docs/extending.md``).
+    """
 
     name: str = "abstract"
+    capabilities: ClassVar[BackendCapabilities] = BackendCapabilities()
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> Backend:
+        """Rebuild from :meth:`spec` (what a trigger carries)."""
+        raise NotImplementedError(f"{cls.__name__} does not say how to rebuild it from a spec")
+
+    @classmethod
+    def spec_for(cls, lc: LoadedCampaign, home: Path) -> dict[str, Any]:
+        """The spec of this backend for a campaign and its cluster profile (``home``: the results home)."""
+        raise NotImplementedError(f"{cls.__name__} does not say how to build it for a campaign")
 
     @abstractmethod
     def spec(self) -> dict[str, Any]:

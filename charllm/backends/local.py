@@ -16,21 +16,26 @@ import subprocess
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from charllm.backends.base import (
     SCRIPT_NAME,
     STDERR_NAME,
     STDOUT_NAME,
     Backend,
+    BackendCapabilities,
     JobHandle,
     JobIdentity,
     JobSpec,
     JobState,
     JobStatus,
+    parse_time_limit,
 )
 from charllm.errors import SubmissionError
 from charllm.shell import q
+
+if TYPE_CHECKING:
+    from charllm.campaign import LoadedCampaign
 
 _TIMEOUT_RC = 124  # what coreutils' timeout returns when the limit hit
 # The wrapper queues for one of ``slots`` lock files (a job holds its slot until it
@@ -65,6 +70,7 @@ class LocalBackend(Backend):
     """Jobs as subprocesses of this machine."""
 
     name = "local"
+    capabilities = BackendCapabilities(runs_here=True)
 
     def __init__(self, root: str | Path, time_limit_s: int = 3600, slots: int = 1) -> None:
         self.root = Path(root).resolve()
@@ -75,6 +81,15 @@ class LocalBackend(Backend):
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> LocalBackend:
         return cls(spec["root"], int(spec.get("time_limit_s", 3600)), int(spec.get("slots", 1)))
+
+    @classmethod
+    def spec_for(cls, lc: LoadedCampaign, home: Path) -> dict[str, Any]:
+        return {
+            "kind": "local",
+            "root": str(home / "work"),
+            "time_limit_s": parse_time_limit(lc.cluster.time_limit),
+            "slots": lc.cluster.local_slots,
+        }
 
     def spec(self) -> dict[str, Any]:
         return {"kind": "local", "root": str(self.root), "time_limit_s": self.time_limit_s, "slots": self.slots}

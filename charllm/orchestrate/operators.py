@@ -112,22 +112,10 @@ class CellJobSensor(BaseSensorOperator):
             handle.backend,
             handle.workdir,
         )
-        self.defer(
-            trigger=JobTrigger(
-                runner.backend.spec(),
-                handle.job_id,
-                runner.poll_interval_s,
-                handle=handle.as_dict(),
-                patience_s=runner.patience_s,
-            ),
-            method_name="execute_complete",
-        )
+        self.defer(trigger=job_trigger(runner, handle), method_name="execute_complete")
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
-        runner = runner_for(self.campaign_file)
-        h = JobHandle.from_dict(event["handle"])
-        status = JobStatus.from_dict(event["status"])
-        log.info("%s", runner.job_tail(h))
+        runner, h, status = ended_job(self.campaign_file, event)
         try:
             verdict = runner.on_end(h, status, context["run_id"])
         except CharllmError as err:
@@ -136,6 +124,26 @@ class CellJobSensor(BaseSensorOperator):
             log.warning("job %s ended %s: resubmitting (%s)", h.job_id, status.state.value, verdict.reason)
             return self._submit(context, None)
         return {"handle": h.as_dict(), "status": status.as_dict()}
+
+
+def ended_job(campaign_file: str, event: dict[str, Any]) -> tuple[Any, JobHandle, JobStatus]:
+    """The runner, and the handle and final status a :class:`JobTrigger` event carries (its log tail logged)."""
+    runner = runner_for(campaign_file)
+    handle = JobHandle.from_dict(event["handle"])
+    status = JobStatus.from_dict(event["status"])
+    log.info("%s", runner.job_tail(handle))
+    return runner, handle, status
+
+
+def job_trigger(runner: Any, handle: JobHandle) -> JobTrigger:
+    """The trigger that waits for ``handle``'s job on the runner's backend (polled with its other jobs)."""
+    return JobTrigger(
+        runner.backend.spec(),
+        handle.job_id,
+        runner.poll_interval_s,
+        handle=handle.as_dict(),
+        patience_s=runner.patience_s,
+    )
 
 
 def submit_cell(campaign_file: str, item: dict[str, Any], run_id: str) -> dict[str, Any]:
@@ -211,22 +219,10 @@ class EnvironmentJobSensor(BaseSensorOperator):
 
     def _defer(self, runner: Any, handle: JobHandle) -> None:
         log.info("waiting for environment job %s in %s", handle.job_id, handle.workdir)
-        self.defer(
-            trigger=JobTrigger(
-                runner.backend.spec(),
-                handle.job_id,
-                runner.poll_interval_s,
-                handle=handle.as_dict(),
-                patience_s=runner.patience_s,
-            ),
-            method_name="execute_complete",
-        )
+        self.defer(trigger=job_trigger(runner, handle), method_name="execute_complete")
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
-        runner = runner_for(self.campaign_file)
-        handle = JobHandle.from_dict(event["handle"])
-        status = JobStatus.from_dict(event["status"])
-        log.info("%s", runner.job_tail(handle))
+        runner, handle, status = ended_job(self.campaign_file, event)
         try:
             step = runner.after_setup_job("environment", handle, status)
         except CharllmError as err:

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from charllm.errors import CharllmError
+from charllm.paths import file_sha256
 
 FORMAT_VERSION = 1  # of this module's output (directory layout + manifest), not megatron's
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
@@ -144,14 +145,6 @@ def documents(src: str, raw: bytes) -> Iterator[str]:
 
 
 # -- writing --------------------------------------------------------------------------------
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 _UINT16 = np.dtype(np.uint16)
@@ -284,7 +277,7 @@ def check_output(out: Path, expect: dict[str, Any]) -> dict[str, Any] | None:
             return None
     try:
         for name, key in ((f"{PREFIX}.bin", "bin_sha256"), (f"{PREFIX}.idx", "idx_sha256")):
-            if _sha256_file(out / name) != manifest.get(key):
+            if file_sha256(out / name) != manifest.get(key):
                 return None
         ds = IndexedTokens(out / PREFIX)
     except (OSError, DataPrepError):
@@ -341,8 +334,8 @@ def prepare(corpus: Sequence[str], out: str | Path, tokenizer_name: str = "bytes
             "documents": len(seqs),
             "sequences": len(seqs),
             "tokens": n_tokens,
-            "bin_sha256": _sha256_file(tmp / f"{PREFIX}.bin"),
-            "idx_sha256": _sha256_file(tmp / f"{PREFIX}.idx"),
+            "bin_sha256": file_sha256(tmp / f"{PREFIX}.bin"),
+            "idx_sha256": file_sha256(tmp / f"{PREFIX}.idx"),
         }
         IndexedTokens(tmp / PREFIX)  # read back what was written
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from charllm.backends.base import JobHandle, JobIdentity, JobSpec, JobState, JobStatus
+from charllm.backends.base import JobHandle, JobIdentity, JobSpec, JobStatus
 from charllm.errors import CharllmError, ConfigError, SubmitLimitError
 from charllm.outcomes import Action, Outcome, judge
 from charllm.paths import include_dir
@@ -157,12 +157,13 @@ def setup_step(runner: CampaignRunner, kind: str) -> dict[str, Any]:
         if found is None:
             break
         st = patience.call(functools.partial(_status, runner, found.job_id), f"polling the {kind} job")
-        if st.state is JobState.COMPLETED:
-            log.info("%s", _done_message(runner, kind, key, found.job_id))
-            return {"skipped": True, "key": key, "job_id": found.job_id}
         if not st.state.is_terminal:
             log.info("%s job %s (key %s) is still %s: waiting for it", kind, found.job_id, key, st.state.value)
             return {"skipped": False, "key": key, "job_id": found.job_id, "handle": found.as_dict()}
+        if judge(st).outcome is Outcome.OK:  # the one state table; an OOM setup job is no environment
+            log.info("%s", _done_message(runner, kind, key, found.job_id))
+            return {"skipped": True, "key": key, "job_id": found.job_id}
+        # an earlier run's attempt ended without its result: this run makes the next one
         if attempt >= job.max_attempts:
             raise CharllmError(
                 f"the {kind} job failed {attempt} times; last: job {found.job_id} ended {st.state.value} in "
@@ -230,7 +231,7 @@ def wait_setup_job(runner: CampaignRunner, kind: str, handle: JobHandle) -> dict
 
 def ensure_environment(runner: CampaignRunner) -> dict[str, Any]:
     """Local: verify. Cluster: skip if built, else find or submit the environment job (returns its handle)."""
-    if runner.backend.name == "local":
+    if runner.backend.capabilities.runs_here:
         proc = subprocess.run([sys.executable, "-c", _SMOKE], capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise CharllmError(f"the local training environment does not import: {proc.stderr[-2000:]}")
@@ -298,7 +299,7 @@ def dataset_job(runner: CampaignRunner, attempt: int = 1) -> tuple[JobSpec, str]
     )
     key = hashlib.sha256(key_doc.encode()).hexdigest()[:16]
     ident = JobIdentity(DATA_CAMPAIGN, f"data{key}", 0, attempt)
-    python = sys.executable if runner.backend.name == "local" else default_python(cluster)
+    python = sys.executable if runner.backend.capabilities.runs_here else default_python(cluster)
     env = templates()
     script = env.get_template("dataprep.sbatch.j2").render(
         ident=ident,
@@ -306,7 +307,7 @@ def dataset_job(runner: CampaignRunner, attempt: int = 1) -> tuple[JobSpec, str]
         key=ds.key,
         tokenizer=ds.tokenizer,
         out_sh=out_word,
-        python_sh=q(python) if runner.backend.name == "local" else shell_path(python),
+        python_sh=q(python) if runner.backend.capabilities.runs_here else shell_path(python),
         corpus_words=words,
     )
     return JobSpec(ident, script, files, time_limit_s=_DATA_TIME_LIMIT_S), key

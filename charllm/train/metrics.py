@@ -21,8 +21,10 @@ Definitions (units in the names):
   ``power_w`` (trapezoid). NVML's board power covers the HBM as well; memory power is also
   reported on its own (``energy_mem_j``), not added again. energy_per_step_j = energy_j /
   measured steps; energy_per_token_j = energy_j / measured tokens.
-- samples_per_s_per_mj = samples per step / (step_time_median_s * energy_per_step_j / 1e6)
-  (PPT's efficiency: samples / (s * MJ)).
+- efficiency_samples_per_s_mj = samples per step / (step_time_median_s * energy_per_step_j / 1e6)
+  (PPT's efficiency: samples / (s * MJ)); energy_counter_over_sampled = NVML's energy counter
+  over the sampled energy. Both defined once in :mod:`charllm.definitions` (the aggregation
+  recomputes them with the same functions).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from charllm.definitions import counter_over_sampled, efficiency_samples_per_s_mj, measured_window
 from charllm.modelcat import ModelShape
 from charllm.train.flops import (
     causal_model_flops_per_token,
@@ -70,10 +73,11 @@ def steps_csv(records: Sequence[StepRecord]) -> str:
 
 
 def measure_window(records: Sequence[StepRecord]) -> tuple[float, float]:
-    meas = [r for r in records if r.phase == "measure"]
-    if not meas:
+    """The measured window of the job's steps (:func:`charllm.definitions.measured_window`)."""
+    win = measured_window((r.phase, r.start_unix_s, r.end_unix_s) for r in records)
+    if win is None:
         raise ValueError("no measured steps")
-    return meas[0].start_unix_s, meas[-1].end_unix_s
+    return win[0], win[1]
 
 
 def step_metrics(
@@ -137,10 +141,12 @@ def energy_metrics(
     out["energy_j"] = e
     out["energy_per_step_j"] = e / measured_steps
     out["energy_per_token_j"] = e / (measured_steps * global_batch * seq_len)
-    out["samples_per_s_per_mj"] = global_batch / (step_time_median_s * out["energy_per_step_j"] / 1e6)
-    c = telemetry.get("energy_counter_j", math.nan)
-    if c == c and e > 0:
-        out["energy_counter_over_sampled"] = c / e
+    out["efficiency_samples_per_s_mj"] = efficiency_samples_per_s_mj(
+        global_batch, step_time_median_s, out["energy_per_step_j"]
+    )
+    ratio = counter_over_sampled(telemetry.get("energy_counter_j", math.nan), e)
+    if not math.isnan(ratio):
+        out["energy_counter_over_sampled"] = ratio
     return out
 
 

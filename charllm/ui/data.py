@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from charllm.definitions import as_float as _num
 from charllm.outcomes import IN_FLIGHT_STATES
 from charllm.paths import campaigns_dir, home
 
@@ -389,14 +390,6 @@ def _metric_values(row: Mapping[str, Any]) -> dict[str, float]:
             v = tps / ws if ws and ws > 0 else math.nan
         out[col] = v * scale if not math.isnan(v) else math.nan
     return out
-
-
-def _num(x: Any) -> float:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return math.nan
-    return v
 
 
 def build_matrix(

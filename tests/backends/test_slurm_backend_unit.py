@@ -1,7 +1,10 @@
-"""SlurmBackend logic without SSH: the "remote" is a local bash with stand-in Slurm commands.
+"""SlurmBackend logic without SSH: the local-shell transport, with the fake Slurm of ``tests/fake_slurm``
+(``sbatch``, ``sacct``, ``squeue``, ``scancel``) on its ``PATH``.
 
 Covers the spec round trip, the reconnect/back-off policy, idempotent submission (also when
-the connection breaks right after sbatch ran) and the async status path.
+the connection breaks right after sbatch ran) and the async status path. Broken connections
+come from :class:`FlakyShell`, a local-shell transport whose primitives fail on demand: the
+backend is driven through its public interface only.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import stat
-import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,112 +23,79 @@ from charllm.backends import make_backend
 from charllm.backends.base import JobIdentity, JobSpec, JobState
 from charllm.backends.slurm import SlurmBackend, SlurmConfig
 from charllm.errors import ConfigError, ParseError, SubmissionError, TransportError
+from charllm.transport import Backoff
+from charllm.transport.local import LocalShellTransport
+from charllm.transport.ssh import FATAL_SSH, RETRY_SSH
+from tests.fake_slurm import fake_slurm
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="bash runs the stand-in cluster")
 
 IDENT = JobIdentity("demo", "cell-a", 0, 0)
-
-# A tiny fake scheduler in shell: jobs.txt holds "id|name|state|exit" lines.
-FAKE_SLURM = r"""
-timeout() { shift; "$@"; }
-_fmt() { printf '%s|%s|%s|%s|00:00:01|node1|None|2026-11-22T03:00:00|2026-11-22T03:00:01|Unknown|%s\n' "$1" "$1" "$3" "$4" "$2"; }
-sbatch() {
-  name=""; for a in "$@"; do case "$a" in --job-name=*) name="${a#--job-name=}";; --mem=999999*) echo "sbatch: error: Memory specification can not be satisfied" >&2; return 1;; esac; done
-  n=$(( $(cat "$HOME/next" 2>/dev/null || echo 100) + 1 )); echo "$n" > "$HOME/next"
-  echo "$n|$name|PENDING|0:0" >> "$HOME/jobs.txt"; echo "sbatch" >> "$HOME/calls"; echo "$n"
-}
-squeue() {
-  echo squeue >> "$HOME/calls"; name=""; ids=""
-  while [ $# -gt 0 ]; do case "$1" in --name=*) name="${1#--name=}";; -j) shift; ids=",$1,";; esac; shift; done
-  [ -f "$HOME/jobs.txt" ] || return 0
-  while IFS='|' read -r id jn st ec; do
-    if [ -n "$name" ] && [ "$jn" != "$name" ]; then continue; fi
-    case "$ids" in "") ;; *",$id,"*) ;; *) continue;; esac
-    printf '%s|%s|%s|Priority|||%s\n' "$id" "$id" "$st" "$jn"
-  done < "$HOME/jobs.txt"
-}
-sacct() {
-  echo sacct >> "$HOME/calls"; name=""; ids=""
-  while [ $# -gt 0 ]; do case "$1" in --name=*) name="${1#--name=}";; -j) shift; ids=",$1,";; esac; shift; done
-  [ -f "$HOME/jobs.txt" ] || return 0
-  while IFS='|' read -r id jn st ec; do
-    if [ -n "$name" ] && [ "$jn" != "$name" ]; then continue; fi
-    case "$ids" in "") ;; *",$id,"*) ;; *) continue;; esac
-    _fmt "$id" "$jn" "$st" "$ec"
-  done < "$HOME/jobs.txt"
-}
-scancel() { echo scancel >> "$HOME/calls"; sed -i "s/^$1|\([^|]*\)|[^|]*|/$1|\1|CANCELLED|/" "$HOME/jobs.txt"; }
-"""
+# jobs stay PENDING (reason Priority) for the whole test; ids count from 101
+SCENARIO = {"first_id": 100, "start_s": 3600, "run_s": 7200}
 
 
-class LocalSftp:
-    """The few SFTP calls the backend makes, on a local directory."""
+class FlakyShell(LocalShellTransport):
+    """The local shell, with SSH's error classes, whose command lines fail while ``failures`` lasts.
 
-    def __init__(self, home: Path) -> None:
-        self.home = home
+    ``sync``/``async_``: what runs a command line (default: the local shell); tests swap them to
+    break a connection after a command, to forbid the blocking path, or to answer garbage.
+    """
 
-    def _p(self, path: str) -> Path:
-        return self.home / path
+    retry_errors = RETRY_SSH
+    fatal_errors = FATAL_SSH
 
-    def open(self, path: str, mode: str = "rb") -> Any:
-        return LocalFile(open(self._p(path), mode))
+    def __init__(self, home: Path, env: dict[str, str], backoff: Backoff) -> None:
+        self.sleeps: list[float] = []
+        self.asleeps: list[float] = []
 
-    def listdir_attr(self, path: str) -> list[paramiko.SFTPAttributes]:
-        out = []
-        for child in self._p(path).iterdir():
-            attr = paramiko.SFTPAttributes.from_stat(child.lstat(), child.name)
-            out.append(attr)
-        return out
+        async def asleep(delay: float) -> None:
+            self.asleeps.append(delay)
 
+        super().__init__(home, env=env, command_timeout_s=30, backoff=backoff, sleep=self.sleeps.append, asleep=asleep)
+        self.failures: list[BaseException] = []
+        self.afailures: list[BaseException] = []
+        self.sync: Callable[[str], tuple[int, str, str]] = super().exec_raw
+        self.async_: Callable[[str], Any] = super().aexec_raw
+        self.read_failures: list[BaseException] = []
 
-class LocalFile:
-    def __init__(self, fh: Any) -> None:
-        self.fh = fh
+    def exec_raw(self, line: str) -> tuple[int, str, str]:
+        if self.failures:
+            raise self.failures.pop(0)
+        return self.sync(line)
 
-    def __enter__(self) -> LocalFile:
-        return self
+    async def aexec_raw(self, line: str) -> tuple[int, str, str]:
+        if self.afailures:
+            raise self.afailures.pop(0)
+        res: tuple[int, str, str] = await self.async_(line)
+        return res
 
-    def __exit__(self, *exc: object) -> None:
-        self.fh.close()
-
-    def stat(self) -> Any:
-        import os
-
-        return os.fstat(self.fh.fileno())
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.fh, name)
+    def read_raw(self, path: str, last_bytes: int | None = None) -> bytes:
+        if self.read_failures:
+            raise self.read_failures[0]
+        return super().read_raw(path, last_bytes)
 
 
 def make(tmp_path: Path, **options: Any) -> SlurmBackend:
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
-    backend = SlurmBackend(conn_id="fake", workdir="w d", **options)
-    sleeps: list[float] = []
-    backend._sleep = sleeps.append  # type: ignore[method-assign]
-    backend.sleeps = sleeps  # type: ignore[attr-defined]
-
-    def exec_raw(line: str) -> tuple[int, str, str]:
-        backend.counters.round_trips += 1
-        res = subprocess.run(
-            ["bash", "-c", FAKE_SLURM + "\n" + line],
-            cwd=home,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env={"PATH": "/usr/bin:/bin", "HOME": str(home)},
-        )
-        return res.returncode, res.stdout, res.stderr
-
-    backend._exec_raw = exec_raw  # type: ignore[method-assign]
-    backend._get_sftp = lambda: LocalSftp(home)  # type: ignore[assignment,method-assign,return-value]
+    fake = fake_slurm.install(tmp_path / "bin", tmp_path / "slurm", SCENARIO)
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "HOME": str(home), "FAKE_SLURM_DIR": fake["FAKE_SLURM_DIR"]}
+    config = SlurmConfig.from_spec({"conn_id": "fake", "workdir": "w d", "transport": "local", **options})
+    backend = SlurmBackend(config, transport=FlakyShell(home, env, config.backoff()))
     backend.home = home  # type: ignore[attr-defined]
     return backend
 
 
+def shell(backend: SlurmBackend) -> FlakyShell:
+    assert isinstance(backend.transport, FlakyShell)
+    return backend.transport
+
+
 def calls(backend: SlurmBackend) -> list[str]:
-    path = backend.home / "calls"  # type: ignore[attr-defined]
-    return path.read_text().split() if path.exists() else []
+    """The fake Slurm commands run so far, by name."""
+    path = backend.home.parent / "slurm" / "calls.log"  # type: ignore[attr-defined]
+    return [line.split()[0] for line in path.read_text().splitlines()] if path.exists() else []
 
 
 # -- spec ------------------------------------------------------------------------------------
@@ -169,8 +139,9 @@ def test_bad_specs(bad: dict[str, Any]) -> None:
 
 def test_backoff_is_bounded_and_jittered() -> None:
     b = SlurmBackend(SlurmConfig(backoff_min_s=1, backoff_max_s=30))
+    assert b.transport.backoff == Backoff(5, 1, 30)  # the SSH transport's, one policy for sync and async
     for attempt in range(1, 12):
-        delays = {b._backoff_delay(attempt) for _ in range(50)}
+        delays = {b.transport.backoff.delay(attempt) for _ in range(50)}
         base = min(30, 2 ** (attempt - 1))
         assert all(0.5 * base <= d <= min(30, 1.5 * base) for d in delays)
         assert len(delays) > 1  # jittered
@@ -181,26 +152,16 @@ def test_backoff_is_bounded_and_jittered() -> None:
 
 def test_transport_errors_retry_with_backoff_then_give_up(tmp_path: Path) -> None:
     b = make(tmp_path, connect_tries=4)
-    real = b._exec_raw
-    failures = [EOFError("eof"), paramiko.SSHException("banner"), ConnectionResetError("reset")]
-
-    def flaky(line: str) -> tuple[int, str, str]:
-        if failures:
-            raise failures.pop(0)
-        return real(line)
-
-    b._exec_raw = flaky  # type: ignore[method-assign]
+    t = shell(b)
+    t.failures = [EOFError("eof"), paramiko.SSHException("banner"), ConnectionResetError("reset")]
     b.submit(JobSpec(IDENT, "#!/bin/bash\n"))
-    assert len(b.sleeps) == 3  # type: ignore[attr-defined]
+    assert len(t.sleeps) == 3
 
-    def dead(line: str) -> tuple[int, str, str]:
-        raise ConnectionRefusedError("refused")
-
-    b._exec_raw = dead  # type: ignore[method-assign]
-    b.sleeps.clear()  # type: ignore[attr-defined]
+    t.failures = [ConnectionRefusedError("refused")] * 10
+    t.sleeps.clear()
     with pytest.raises(TransportError, match="4 tries"):
         b.statuses(["101"])
-    assert len(b.sleeps) == 3  # type: ignore[attr-defined]
+    assert len(t.sleeps) == 3
 
 
 @pytest.mark.parametrize(
@@ -212,21 +173,17 @@ def test_transport_errors_retry_with_backoff_then_give_up(tmp_path: Path) -> Non
 )
 def test_auth_failures_are_not_retried(tmp_path: Path, err: Exception) -> None:
     b = make(tmp_path)
-
-    def refuse(line: str) -> tuple[int, str, str]:
-        raise err
-
-    b._exec_raw = refuse  # type: ignore[method-assign]
+    shell(b).failures = [err] * 10
     with pytest.raises(TransportError, match="not retried"):
         b.statuses(["1"])
-    assert b.sleeps == []  # type: ignore[attr-defined]
+    assert shell(b).sleeps == []
 
 
 def test_file_errors_are_not_transport_errors(tmp_path: Path) -> None:
     b = make(tmp_path)
     h = b.submit(JobSpec(IDENT, "#!/bin/bash\n"))
     assert b.tail(h) == ("", "")  # no logs yet: FileNotFoundError means "empty", no retries
-    assert b.sleeps == []  # type: ignore[attr-defined]
+    assert shell(b).sleeps == []
 
 
 # -- submit, find, cancel, fetch on the stand-in cluster -----------------------------------
@@ -250,7 +207,7 @@ def test_submit_stages_files_and_is_idempotent(tmp_path: Path) -> None:
 
 def test_submit_reattaches_when_the_connection_breaks_after_sbatch(tmp_path: Path) -> None:
     b = make(tmp_path)
-    real = b._exec_raw
+    real = shell(b).sync
     broke = []
 
     def breaks_after_sbatch(line: str) -> tuple[int, str, str]:
@@ -260,7 +217,7 @@ def test_submit_reattaches_when_the_connection_breaks_after_sbatch(tmp_path: Pat
             raise EOFError("connection lost after sbatch ran")
         return res
 
-    b._exec_raw = breaks_after_sbatch  # type: ignore[method-assign]
+    shell(b).sync = breaks_after_sbatch
     h = b.submit(JobSpec(IDENT, "#!/bin/bash\n"))
     assert broke and calls(b).count("sbatch") == 1
     assert h.job_id == "101"
@@ -315,43 +272,22 @@ def test_astatuses_uses_the_async_path_and_retries(tmp_path: Path) -> None:
     def no_sync(line: str) -> tuple[int, str, str]:
         raise AssertionError("astatuses must not use the blocking transport")
 
-    home = b.home  # type: ignore[attr-defined]
-    failures = [TimeoutError(), ConnectionResetError()]
-    slept: list[float] = []
-
-    async def arun_once(line: str) -> tuple[int, str, str]:
-        if failures:
-            raise failures.pop(0)
-        proc = await asyncio.create_subprocess_exec(
-            "bash",
-            "-c",
-            FAKE_SLURM + "\n" + line,
-            cwd=home,
-            env={"PATH": "/usr/bin:/bin", "HOME": str(home)},
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await proc.communicate()
-        return proc.returncode or 0, out.decode(), err.decode()
-
-    async def asleep(delay: float) -> None:
-        slept.append(delay)
-
-    b._exec_raw = no_sync  # type: ignore[method-assign]
-    b._arun_once = arun_once  # type: ignore[method-assign]
-    b._asleep = asleep  # type: ignore[method-assign]
+    t = shell(b)
+    t.afailures = [TimeoutError(), ConnectionResetError()]
+    slept = t.asleeps
+    t.sync = no_sync
     st = asyncio.run(b.astatuses([h.job_id]))
     assert st[h.job_id].state is JobState.PENDING
     assert len(slept) == 2
 
-    failures.extend([ConnectionResetError()] * 3)
+    t.afailures.extend([ConnectionResetError()] * 3)
     with pytest.raises(TransportError):
         asyncio.run(b.astatuses([h.job_id]))
 
     async def garbage(line: str) -> tuple[int, str, str]:
         return 0, "motd\n", ""
 
-    b._arun_once = garbage  # type: ignore[method-assign]
+    t.async_ = garbage
     with pytest.raises(ParseError):
         asyncio.run(b.astatuses([h.job_id]))
     assert asyncio.run(b.astatuses([])) == {}
@@ -366,12 +302,12 @@ def test_bad_staged_file_name_is_rejected_before_any_remote_call(tmp_path: Path)
 
 def test_unknown_host_key_is_rejected(tmp_path: Path) -> None:
     """The policy we install refuses unknown hosts with an error that is not retried."""
-    from charllm.backends.slurm import _FATAL_SSH, _HostKeyUnknown, _RejectUnknown
+    from charllm.transport.ssh import HostKeyUnknown, RejectUnknownHosts
 
     key = paramiko.RSAKey.generate(1024)
-    with pytest.raises(_HostKeyUnknown) as exc:
-        _RejectUnknown().missing_host_key(paramiko.SSHClient(), "[127.0.0.1]:2222", key)
-    assert isinstance(exc.value, _FATAL_SSH)
+    with pytest.raises(HostKeyUnknown) as exc:
+        RejectUnknownHosts().missing_host_key(paramiko.SSHClient(), "[127.0.0.1]:2222", key)
+    assert isinstance(exc.value, FATAL_SSH)
     assert "known_hosts" in str(exc.value)
 
 
@@ -398,14 +334,14 @@ def test_submit_limit_refusals_are_their_own_error(tmp_path: Path, stderr: str) 
     from charllm.errors import SubmitLimitError
 
     b = make(tmp_path)
-    real = b._exec_raw
+    real = shell(b).sync
 
     def refuse(line: str) -> tuple[int, str, str]:
         if "sbatch" in line and "--parsable" in line:
             return 1, "", stderr
         return real(line)
 
-    b._exec_raw = refuse  # type: ignore[method-assign]
+    shell(b).sync = refuse
     with pytest.raises(SubmitLimitError, match="submit limit"):
         b.submit(JobSpec(IDENT, "#!/bin/bash\n"))
     assert b.find(IDENT) is None
@@ -415,21 +351,17 @@ def test_the_log_tail_tries_once(tmp_path: Path) -> None:
     b = make(tmp_path, connect_tries=5)
     h = b.submit(JobSpec(IDENT, "#!/bin/bash\n"))
 
-    def dead(line: str) -> tuple[int, str, str]:
-        raise ConnectionRefusedError("refused")
-
-    b._exec_raw = dead  # type: ignore[method-assign]
-    b._get_sftp = lambda: (_ for _ in ()).throw(ConnectionRefusedError("refused"))  # type: ignore[method-assign]
-    b.sleeps.clear()  # type: ignore[attr-defined]
+    t = shell(b)
+    t.failures = [ConnectionRefusedError("refused")] * 10
+    t.read_failures = [ConnectionRefusedError("refused")]
+    t.sleeps.clear()
     with pytest.raises(TransportError, match="1 tries"):
         b.tail(h, tries=1)
-    assert b.sleeps == []  # type: ignore[attr-defined]
+    assert t.sleeps == []
 
 
 def test_local_transport_runs_the_slurm_commands_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """transport 'local': sbatch/sacct/squeue of this machine (here the tests' fake scheduler), files in place."""
-    from tests.fake_slurm import fake_slurm
-
     env = fake_slurm.install(tmp_path / "bin", tmp_path / "slurm", {"run_s": 0.3})
     monkeypatch.setenv("PATH", env["PATH"])
     monkeypatch.setenv("FAKE_SLURM_DIR", env["FAKE_SLURM_DIR"])

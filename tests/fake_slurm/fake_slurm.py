@@ -8,7 +8,10 @@ per submission of that cell (the last one repeats):
 
     {"run_s": 1.0, "default": ["COMPLETED"],
      "by_cell": {"<cell_id>": ["NODE_FAIL", "COMPLETED"]},
-     "refuse_cell_submits": 2}     # the first 2 sbatch calls of cell jobs: refused for a QOS submit limit
+     "refuse_cell_submits": 2,     # the first 2 sbatch calls of cell jobs: refused for a QOS submit limit
+     "first_id": 1000,             # job ids count up from first_id + 1
+     "start_s": 0.2,               # how long a job stays PENDING (reason Priority) before RUNNING
+     "max_mem_gb": 1024}           # sbatch --mem above this: refused ("Memory specification can not be satisfied")
 
 End states: COMPLETED (writes a valid ``out/result.json`` and ``out/steps.csv``), OOM (FAILED with
 exit code 42 and an ``oom`` result, what ``charllm.train`` does), FAILED (exit 1), TIMEOUT,
@@ -26,20 +29,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from charllm.backends.slurm_cmd import SACCT_FIELDS, SQUEUE_FIELDS  # the columns the backend asks for
+
 STATE = Path(os.environ.get("FAKE_SLURM_DIR", "/tmp/fake-slurm"))
-SACCT_FIELDS = (
-    "JobID",
-    "JobIDRaw",
-    "State",
-    "ExitCode",
-    "Elapsed",
-    "NodeList",
-    "Reason",
-    "Submit",
-    "Start",
-    "End",
-    "JobName",
-)
 EXIT = {
     "COMPLETED": "0:0",
     "OOM": "42:0",
@@ -71,6 +63,7 @@ class Db:
         self.jobs: list[dict] = json.loads(path.read_text()) if path.exists() else []
         sc = STATE / "scenario.json"
         self.scenario: dict = json.loads(sc.read_text()) if sc.exists() else {}
+        self.start_s = float(self.scenario.get("start_s", 0.2))
 
     def save(self) -> None:
         tmp = STATE / "jobs.json.tmp"
@@ -85,8 +78,8 @@ class Db:
             if j["state"] in ("PENDING", "RUNNING") and now >= j["submit"] + j["run_s"]:
                 _finish(j)
                 changed = True
-            elif j["state"] == "PENDING" and now >= j["submit"] + 0.2:
-                j["state"], j["start"] = "RUNNING", j["submit"] + 0.2
+            elif j["state"] == "PENDING" and now >= j["submit"] + self.start_s:
+                j["state"], j["start"] = "RUNNING", j["submit"] + self.start_s
                 changed = True
         if changed:
             self.save()
@@ -129,8 +122,22 @@ def _opt(argv: list[str], key: str) -> str | None:
     return None
 
 
+def _mem_gb(text: str) -> float:
+    """``--mem`` as Slurm reads it: a number with an optional K/M/G/T suffix (default MB), in GB."""
+    scale = {"K": 1 / 1024**2, "M": 1 / 1024, "G": 1.0, "T": 1024.0}
+    unit = text[-1:].upper()
+    return float(text[:-1]) * scale[unit] if unit in scale else float(text) / 1024
+
+
 def sbatch(db: Db, argv: list[str]) -> int:
     name = _opt(argv, "--job-name") or "job"
+    mem = _opt(argv, "--mem")
+    if mem is not None and _mem_gb(mem) > float(db.scenario.get("max_mem_gb", 1024)):
+        print("sbatch: error: Memory specification can not be satisfied", file=sys.stderr)
+        print(
+            "sbatch: error: Batch job submission failed: Requested node configuration is not available", file=sys.stderr
+        )
+        return 1
     refusals = int(db.scenario.get("refuse_cell_submits", 0))
     done = int((STATE / "refused").read_text()) if (STATE / "refused").exists() else 0
     if done < refusals and ".charllm-env." not in name and ".charllm-data." not in name:
@@ -180,20 +187,20 @@ def sacct(db: Db, argv: list[str]) -> int:
         start = j.get("start")
         end = j.get("end")
         elapsed = (end or now) - start if start else 0
-        row = [
-            j["id"],
-            j["id"],
-            j["state"],
-            j["exit"],
-            _elapsed(elapsed),
-            "fake-node0" if start else "None assigned",
-            "None",
-            _iso(j["submit"]),
-            _iso(start) if start else "Unknown",
-            _iso(end) if end else "Unknown",
-            j["name"],
-        ]
-        print("|".join(row))
+        row = {
+            "JobID": j["id"],
+            "JobIDRaw": j["id"],
+            "State": j["state"],
+            "ExitCode": j["exit"],
+            "Elapsed": _elapsed(elapsed),
+            "NodeList": "fake-node0" if start else "None assigned",
+            "Reason": "None",
+            "Submit": _iso(j["submit"]),
+            "Start": _iso(start) if start else "Unknown",
+            "End": _iso(end) if end else "Unknown",
+            "JobName": j["name"],
+        }
+        print("|".join(row[f] for f in SACCT_FIELDS))
     return 0
 
 
@@ -204,8 +211,16 @@ def squeue(db: Db, argv: list[str]) -> int:
             continue
         if (ids is not None and j["id"] not in ids) or (name and j["name"] != name):
             continue
-        reason = "Priority" if j["state"] == "PENDING" else "None"
-        print(f"{j['id']}|{j['id']}|{j['state']}|{reason}|fake-node0|0:01|{j['name']}")
+        row = {
+            "JobID": j["id"],
+            "JobIDRaw": j["id"],
+            "State": j["state"],
+            "Reason": "Priority" if j["state"] == "PENDING" else "None",
+            "NodeList": "fake-node0",
+            "TimeUsed": "0:01",
+            "JobName": j["name"],
+        }
+        print("|".join(row[f] for f in SQUEUE_FIELDS))
     return 0
 
 

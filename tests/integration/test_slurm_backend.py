@@ -255,7 +255,7 @@ def test_quoting_hostile_workdir_and_identity(
         assert out.rstrip("\n").endswith(h.workdir)
         b.fetch(h, tmp_path / "q")
         assert (tmp_path / "q" / "out" / "result.json").exists()
-        _, found, _ = b._run("find ~ -maxdepth 8 -name 'PWNED*'")  # names that start with it
+        _, found, _ = b.transport.run("find ~ -maxdepth 8 -name 'PWNED*'")  # names that start with it
         assert found == ""
         assert b.find(i) == h
     finally:
