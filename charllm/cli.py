@@ -21,6 +21,7 @@ from charllm.campaign import check_unique_name, dedupe, discover, load_campaign,
 from charllm.errors import CharllmError, ConfigError
 from charllm.paths import campaigns_dir
 from charllm.predict import search_cli
+from charllm.energy import cli as energy_cli
 
 
 def _progress(i: int, n: int, what: str) -> None:
@@ -93,7 +94,12 @@ def estimate_hours(lc_cluster_time_limit: str, world: int, repeats: int) -> floa
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    if getattr(args, "predict", False):  # charllm.predict.plan: the models' memory, time and GPU-hours
+        from charllm.predict.plan import cmd_plan_predict
+
+        return cmd_plan_predict(args)
     from charllm.catalog import Catalog
+    from charllm.energy.control import job_skip_reason
 
     lc = load_campaign(args.file, check=False)
     cat = Catalog()
@@ -105,12 +111,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
         why = lc.refused.get(c.cell_id)
         done = [r for r in range(reps) if cat.valid_result(c.cell_id, r) is not None]
         status = "done" if len(done) == reps else (f"{len(done)}/{reps} done" if done else "to run")
-        if len(done) < reps and not why:
+        skip = job_skip_reason({"gpu_control": c.gpu_control})  # GPU control the cluster denies
+        status = "will be skipped" if skip and not done else status
+        if len(done) < reps and not why and not skip:
             todo_h += estimate_hours(lc.cluster_for(c).time_limit, c.world_size, reps - len(done))
         runnable = "no" if why else "yes"
         print(f"{c.name:<56} {c.cell_id:<16} {c.world_size:>4}  {runnable:<8}  {status}")
         for r in why or []:
             print(f"    cannot run: {r}")
+        if skip:
+            print(f"    skipped: {skip}")
     n_bad = sum(1 for c in cells if c.cell_id in lc.refused)
     print(f"{len(cells) - n_bad} of {len(cells)} cells runnable (engine {lc.campaign.engine} on {lc.cluster.name})")
     print(f"GPU-hours still to spend (at each cell's job time limit, an upper bound): {todo_h:.1f}")
@@ -190,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--repeats", type=int, default=None)
         p.add_argument("--force", action="store_true")
         p.set_defaults(fn=fn)
+        if name == "plan":
+            from charllm.predict.plan import add_plan_flags
+
+            add_plan_flags(p)
     p = sub.add_parser("render")
     p.add_argument("file")
     p.add_argument("dest")
@@ -203,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
     tables_cli.register(sub)
     search_cli.register(sub)
+    energy_cli.register(sub)
     return ap
 
 

@@ -11,7 +11,7 @@ last micro batch's backward, the worst pipeline stage):
   ======================================  ========  =====  ==============
   torch, one GPU bf16 (FSDP2 1 rank)      4 + 2     4      8  (AdamW m, v)
   torch, DDP / TP / PP (autocast)         4 + 2*    4      8
-  torch, FSDP / zero 3 over dp            4/dp + 2  4/dp   8/dp
+  torch/megatron, FSDP / zero 3 over dp   4/dp + ε  4/dp   8/dp   (ε: 2 blocks gathered in bf16)
   torch, zero 2 (FSDP2, no reshard)       4/dp + 2  4/dp   8/dp
   torch, zero 1                           4 + 2*    4      8/dp
   megatron (distributed optimizer)        2 + 4/dp  4      8/dp
@@ -79,6 +79,8 @@ ACT_BYTES_PER_SH: dict[tuple[str, str, bool], float] = {
 }
 #: head: bf16 logits (2) + float32 copy (4) + log-softmax out (4): measured 10.0 (GPT-3 and Llama-3 heads)
 HEAD_BYTES_PER_LOGIT = 10.0
+#: ZeRO-3: blocks held gathered at once (the one computing, the one prefetched)
+ZERO3_GATHERED_BLOCKS = 2
 #: selective recompute keeps this share of a block's activations (SDPA internals replayed)
 SELECTIVE_KEEP = 0.85
 KWAI_KEEP = 0.55
@@ -110,6 +112,8 @@ class MemoryQuery:
     pp_schedule: str = "1f1b"
     precision: str = "bf16"
     world_size: int = 1
+    overlap: bool = False
+    reshard_after_forward: bool = True  # FSDP: ZeRO-3 (True) or weights kept gathered per step
 
     @property
     def grad_accum(self) -> int:
@@ -185,10 +189,13 @@ def stage_params(q: MemoryQuery, stage: int) -> float:
 def _state_bytes_per_param(q: MemoryQuery) -> tuple[float, float, float]:
     """(weights, grads, optimizer) bytes per parameter of the rank."""
     dp = max(1, q.dp)
-    if q.engine == "megatron":
+    if q.engine == "megatron" and not q.fsdp:
         return 2 + 4 / dp, 4.0, 8 / dp
     zero = 3 if q.fsdp and q.zero == 0 else q.zero
-    if zero in (2, 3) and dp > 1:
+    if zero == 3 and q.reshard_after_forward and dp > 1:
+        # ZeRO-3: only the blocks being computed (and the one prefetched) are gathered in bf16
+        w, g, o = 4 / dp + 2 * min(1.0, ZERO3_GATHERED_BLOCKS / max(1, q.model.n_layers)), 4 / dp, 8 / dp
+    elif zero in (2, 3) and dp > 1:
         w, g, o = 4 / dp + 2, 4 / dp, 8 / dp
     elif zero == 1:
         w, g, o = 6.0, 4.0, 8 / dp
@@ -305,6 +312,7 @@ def query_of_cell(cell: Cell) -> MemoryQuery:
         pp_schedule=str(opt.get("pp_schedule", "1f1b")),
         precision=cell.precision,
         world_size=cell.world_size,
+        overlap=bool(opt.get("overlap", False)),
     )
 
 
@@ -336,6 +344,8 @@ def query_of_job_cell(raw: dict[str, Any]) -> MemoryQuery:
         compile=bool(opt.get("compile", False)),
         precision=str(raw.get("precision", "bf16")),
         world_size=int(raw.get("world_size", 1)),
+        overlap=bool(opt.get("overlap", False)),
+        reshard_after_forward=bool(opt.get("fsdp_reshard_after_forward", True)),
     )
 
 

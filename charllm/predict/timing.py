@@ -213,14 +213,19 @@ def predict_step(q: MemoryQuery, profiles: ProfileSet | None = None, links: Link
     dp = q.dp * q.cp
     span = q.tp * q.cp * q.dp * (q.pp if q.pp > 1 else 1)
     if q.fsdp or q.zero in (2, 3):
-        dp_bytes = n_local * (2 + 4)  # bf16 all-gather + fp32 reduce-scatter
+        # ZeRO-3 (fsdp, zero 3, reshard after forward) gathers the bf16 weights in every micro batch's
+        # forward and backward; ZeRO-2-like keeps them gathered: one gather per step. One fp32
+        # reduce-scatter of the gradients per step (no sync between accumulated micro batches).
+        zero3 = q.reshard_after_forward and q.zero != 2
+        gathers = 2 * accum if zero3 else 1
+        dp_bytes = n_local * (2 * gathers + 4)
         dp_comm = dp_bytes * (dp - 1) / dp / _bw(links, span) if dp > 1 else 0.0
-        hidden = OVERLAP_HIDDEN
+        hidden = OVERLAP_HIDDEN  # prefetched: hidden behind compute as far as compute lasts
     else:
         dp_comm = _ring_s(n_local * 4, dp, _bw(links, span))
-        overlap = q.engine == "torch" and dp > 1 and q.tp == 1 and q.pp == 1
+        overlap = (q.engine == "torch" and dp > 1 and q.tp == 1 and q.pp == 1) or (q.engine != "torch" and q.overlap)
         hidden = OVERLAP_HIDDEN if overlap else 0.0
-    exposed_dp = dp_comm * (1 - hidden)
+    exposed_dp = max(dp_comm - hidden * compute, (1 - hidden) * dp_comm)
     opt_s = (
         n_local
         / max(1, dp if (q.zero >= 1 or q.fsdp or q.engine == "megatron") else 1)
@@ -246,9 +251,28 @@ def predict_step(q: MemoryQuery, profiles: ProfileSet | None = None, links: Link
     )
 
 
-def job_seconds(step_s: float, warmup_steps: int, steps: int, profile_steps: int = 0, compile: bool = False) -> float:
+def job_seconds(
+    step_s: float,
+    warmup_steps: int,
+    steps: int,
+    profile_steps: int = 0,
+    compile: bool = False,
+    startup_s: float = STARTUP_S,
+) -> float:
     """Predicted wall time of one job (one repeat of a cell): start-up, warm-up, measured and profiled steps."""
-    return STARTUP_S + (COMPILE_S if compile else 0.0) + step_s * (warmup_steps + steps + profile_steps)
+    return startup_s + (COMPILE_S if compile else 0.0) + step_s * (warmup_steps + steps + profile_steps)
+
+
+#: the warm-up ends on steady step time and GPU temperature; the recorded 1 s-step cells were still
+#: warming after 45 steps (50 s), so the thermal part is taken to need about this long
+WARMUP_SETTLE_S = 90.0
+
+
+def warmup_steps(step_s: float, min_steps: int, max_steps: int) -> int:
+    """Expected warm-up steps: enough for the GPU to settle thermally, within the campaign's bounds."""
+    if step_s <= 0:
+        return max_steps
+    return int(min(max_steps, max(min_steps, math.ceil(WARMUP_SETTLE_S / step_s))))
 
 
 def gpu_hours(job_s: float, world_size: int, repeats: int = 1) -> float:

@@ -35,6 +35,8 @@ class ParallelSpec:
     fsdp: bool = False
     # virtual pipeline stages per pipeline rank (interleaved 1F1B); 1 = plain 1F1B
     pp_virtual: int = 1
+    # stage start layers: "" (uniform) or "custom:0,8,14,20,26" (charllm.capabilities.stage_starts)
+    pp_partition: str = ""
 
     @property
     def world_size(self) -> int:
@@ -46,8 +48,14 @@ class OptSpec:
     """Optimisations of the cell (PPT's code ``abcde``: a = overlap, b = recompute) and knobs."""
 
     recompute: bool = False
-    # with recompute: "full" (whole layers) or "selective" (the attention core only)
+    # with recompute: "full" (whole layers), "selective" (the attention core only) or "kwai"
+    # (norms + the MLP activation, Megatron-Kwai's balanced mode)
     recompute_granularity: str = "full"
+    recompute_layers: int = 0  # with recompute: the first N layers of each stage; 0 = all
+    offload_alpha: float = 0.0  # fraction of saved block activations offloaded to pinned host memory
+    zero: int = 0  # 0 | 1 (DDP + sharded optimizer state) | 2 | 3 (FSDP2)
+    cpu_offload: bool = False  # with zero 2/3 or fsdp: FSDP2 CPUOffloadPolicy
+    interconnect: str = "native"  # native | pcie (NCCL kept off P2P and NVLS)
     overlap: bool = False
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode for the blocks, e.g. max-autotune-no-cudagraphs
@@ -62,6 +70,11 @@ class OptSpec:
     bf16_params: str = "auto"
     profile: bool = False
     profile_steps: int = 3
+    # none | layers | instructions (charllm.energy.recorder: every forward/backward of every micro batch)
+    profile_mode: str = "none"
+    # fixed: measure the cell's steps; adaptive: stop once the median step time is known to 1 %
+    # and 10 s of energy are integrated (charllm.train.window), at most the cell's steps
+    window: str = "fixed"
     # DistributedDataParallel bucket_cap_mb (overlapped DDP only). 200, not torch's 25: on 2 x H200
     # (GPT-3 1.3B) weak scaling was 0.983 with 200 MB buckets and 0.951 with 25 (docs/gpu/README.md)
     ddp_bucket_mb: int = 200
@@ -224,7 +237,10 @@ class CellSpec:
             self.opt.compile_mode,
             ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
         )
-        _one_of("opt.recompute_granularity", self.opt.recompute_granularity, ("full", "selective"))
+        _one_of("opt.recompute_granularity", self.opt.recompute_granularity, ("full", "selective", "kwai"))
+        _one_of("opt.interconnect", self.opt.interconnect, capabilities.INTERCONNECTS)
+        _one_of("opt.profile_mode", self.opt.profile_mode, ("none", "layers", "instructions"))
+        _one_of("opt.window", self.opt.window, ("fixed", "adaptive"))
         if self.steps < 1:
             raise CellConfigError(f"steps must be >= 1, got {self.steps}")
         layout = [r for r in capabilities.refusals(self.view()) if r.kind != "engine"]

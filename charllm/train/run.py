@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from charllm.outcomes import Outcome
 from charllm.train import FAILED_EXIT_CODE, OOM_EXIT_CODE
 from charllm.train.cell import CellSpec
 from charllm.train.dist import DistEnv, detect, init_process_group, pick_device
@@ -70,6 +71,8 @@ class Job:
         self.started_unix_s = time.time()
         self.zeus_totals: dict[str, float] = {}
         self.zeus_note = "off"
+        self.window_steps_s: list[float] = []  # measured steps' durations, max over ranks (same on all)
+        self.window_record: dict[str, Any] = {"mode": "fixed"}
         # torch.cuda.max_memory_allocated right after the second step (Kwai's Figure 7 quantity)
         self.mem_step2: int | None = None
 
@@ -113,6 +116,10 @@ class Job:
         # the capability table the campaign validator used (charllm.capabilities), before any engine
         cell.check_engine(device.type)
         torch.manual_seed(cell.seed)
+        if cell.opt.interconnect == "pcie":  # NCCL reads these when its communicators start
+            from charllm.capabilities import PCIE_ENV
+
+            os.environ.update(PCIE_ENV)
         init_process_group(denv, device)
         try:
             self._run(device)
@@ -127,6 +134,9 @@ class Job:
 
         cell, denv = self.cell, self.denv
         engine = build_engine(cell, denv, device)
+        from charllm.energy.recorder import maybe_attach
+
+        recorder = maybe_attach(engine, cell, device)  # profile: instructions
         if self.rank == 0:
             _log(
                 f"[charllm.train] cell {cell.cell_id} {cell.name}: {cell.model.name} "
@@ -170,6 +180,15 @@ class Job:
         }
         if cell.opt.profile:
             self._profile(engine, records[-1].step + 1, device)
+        if getattr(cell.opt, "profile_mode", "none") == "layers":  # charllm.train.layer_profile: per-layer costs
+            import statistics
+
+            from charllm.train.layer_profile import profile_in_job
+
+            med = statistics.median(r.duration_s for r in records if r.phase == "measure")
+            profile_in_job(engine, records[-1].step + 1 + cell.opt.profile_steps, cell.opt.profile_steps, self.out, med)
+        if recorder is not None:
+            recorder.write(self.out, self.rank, {"pp_partition": cell.parallel.pp_partition, "pp": cell.parallel.pp})
 
         from charllm.train.provenance import placement
 
@@ -188,6 +207,7 @@ class Job:
             ),
             "engine": engine.describe(),
             "zeus": self.zeus_totals,
+            "extra": engine.extra_metrics() if hasattr(engine, "extra_metrics") else {},
         }
         gathered: list[Any] = [None] * denv.world_size
         dist.all_gather_object(gathered, mine)
@@ -242,10 +262,21 @@ class Job:
                         _log(f"warm-up over after {step} steps ({wm.reason}); measuring {cell.steps} steps")
             else:
                 measured += 1
-                if measured >= cell.steps:
+                window_done = self._window_done(step_max_s)  # also records the window's state
+                if measured >= cell.steps or window_done:
                     if zeus_window is not None:
                         self.zeus_totals = zeus_window.end()
                     return records
+
+    def _window_done(self, step_max_s: float) -> bool:
+        """``opt.window: adaptive`` (:mod:`charllm.train.window`): every rank decides from the same numbers."""
+        from charllm.train import window
+
+        self.window_steps_s.append(step_max_s)
+        dec = window.should_stop(self.window_steps_s, sum(self.window_steps_s), self.cell.steps)
+        mode = getattr(self.cell.opt, "window", "fixed")
+        self.window_record = window.record(dec, mode)
+        return mode == "adaptive" and dec.stop
 
     def _profile(self, engine: Any, first_step: int, device: Any) -> None:
         from torch.profiler import ProfilerActivity, profile
@@ -269,7 +300,7 @@ class Job:
     ) -> None:
         from charllm.telemetry import combine
         from charllm.train.flops import peak_flops
-        from charllm.train.provenance import relevant_env, software
+        from charllm.train.provenance import gpu_topology, relevant_env, software
 
         cell = self.cell
         write_text_atomic(self.out / "steps.csv", steps_csv(records))
@@ -313,6 +344,11 @@ class Job:
                     continue
                 per_rank[key] = vals
                 metrics[key] = max(v for v in vals if v is not None)
+        extras = [g.get("extra") or {} for g in gathered]
+        for key in sorted({k for e in extras for k in e}):  # engine counters (offload): max over ranks
+            vals = [e.get(key) for e in extras]
+            per_rank[key] = vals
+            metrics[key] = max(v for v in vals if v is not None)
         if is_gpu:
             per_rank["gpu"] = [{"rank": g["rank"], **(g["summary"] or {})} for g in gathered]
         metrics = flat_numbers(metrics)
@@ -324,9 +360,11 @@ class Job:
             "world_size": self.denv.world_size,
             "placement": [g["placement"] for g in gathered],
             "env": relevant_env(),
+            "topology": gpu_topology() if is_gpu else None,
             "engine": gathered[0]["engine"],
             "warmup": self.warmup.record(),
             "measure_window_unix_s": list(measure_window(records)),
+            "measure_window": self.window_record,
             "flops": {
                 "formula": FLOP_FORMULA,
                 "formula_causal": FLOP_FORMULA_CAUSAL,
@@ -343,7 +381,13 @@ class Job:
             "started_unix_s": self.started_unix_s,
             "finished_unix_s": time.time(),
         }
-        result = {"outcome": "ok", "error": None, "metrics": metrics, "provenance": provenance, "per_rank": per_rank}
+        result = {
+            "outcome": Outcome.OK,
+            "error": None,
+            "metrics": metrics,
+            "provenance": provenance,
+            "per_rank": per_rank,
+        }
         write_json_atomic(self.out / "result.json", result)
         _log(
             f"[charllm.train] ok: step {metrics['step_time_median_s']:.4f} s median, "
@@ -368,14 +412,14 @@ def _fail(exc: BaseException, denv: DistEnv | None, out: Path, env: Mapping[str,
     path = out / "result.json"
     prov = {"rank": rank, "host": socket.gethostname(), "failed_unix_s": time.time()}
     existing = _existing_outcome(path)
-    if kind == "oom":
+    if kind is Outcome.OOM:
         oom = {"rank": rank, **detail}
         print(f"[charllm.train] rank {rank}: out of memory: {detail.get('message', '')}", file=sys.stderr, flush=True)
-        if existing != "oom":  # the first OOM wins; it replaces a failure it may have caused
+        if existing != Outcome.OOM:  # the first OOM wins; it replaces a failure it may have caused
             write_json_atomic(
                 path,
                 {
-                    "outcome": "oom",
+                    "outcome": Outcome.OOM,
                     "error": detail.get("message"),
                     "metrics": {},
                     "provenance": {**prov, "oom": oom},
@@ -386,7 +430,7 @@ def _fail(exc: BaseException, denv: DistEnv | None, out: Path, env: Mapping[str,
     # Any rank may report the first failure (rank 0 may be stuck in a collective meanwhile);
     # later failures, often consequences of the first, do not overwrite it.
     if existing is None:
-        write_json_atomic(path, {"outcome": "failed", "error": str(detail), "metrics": {}, "provenance": prov})
+        write_json_atomic(path, {"outcome": Outcome.FAILED, "error": str(detail), "metrics": {}, "provenance": prov})
     return FAILED_EXIT_CODE
 
 
@@ -402,7 +446,16 @@ def run(cell_path: str | Path, out_dir: str | Path, env: Mapping[str, str] | Non
             with contextlib.suppress(FileNotFoundError):
                 (out / "result.json").unlink()  # stale result of an earlier attempt in this DIR
         cell = CellSpec.from_json(cell_path)
-        Job(cell, denv, out).run()
+        from charllm.energy.control import job_control, job_skip_reason
+
+        skip = job_skip_reason(cell.extra)  # GPU control the cluster's gate denies: skipped, never failed
+        if skip is not None:
+            if denv.rank == 0:
+                write_json_atomic(out / "result.json", {"outcome": "skipped", "error": skip, "metrics": {}})
+            _log(f"[charllm.train] cell skipped: {skip}")
+            return 0
+        with job_control(cell.extra, denv.local_rank, _log):  # restores clocks/limits on every exit path
+            Job(cell, denv, out).run()
         return 0
     except KeyboardInterrupt:
         raise
