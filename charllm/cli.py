@@ -18,10 +18,10 @@ from pathlib import Path
 
 from charllm.analysis import tables_cli
 from charllm.campaign import check_unique_name, dedupe, discover, load_campaign, path_under
+from charllm.energy import cli as energy_cli
 from charllm.errors import CharllmError, ConfigError
 from charllm.paths import campaigns_dir
 from charllm.predict import search_cli
-from charllm.energy import cli as energy_cli
 
 
 def _progress(i: int, n: int, what: str) -> None:
