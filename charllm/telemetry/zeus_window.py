@@ -5,7 +5,8 @@ exposes RAPL, CPU package and DRAM energy, which our NVML sampler cannot see. Th
 still gives the time series (every metric at 20 Hz); this window gives Zeus's own totals for
 the same steps, so every cell carries an independent energy figure from upstream code.
 
-``mode``: ``auto`` uses Zeus when it imports and says why not otherwise; ``on`` fails loudly
+``mode``: ``auto`` uses Zeus when it imports and there is an energy counter for it to read (a
+GPU, or RAPL on the node leader), and says why not otherwise; ``on`` fails loudly
 (:class:`MonitorError`, with how to fix it) when it cannot; ``off`` does nothing. CPU and DRAM
 energy are read by the first rank of each node only, so summing ranks counts each node once.
 """
@@ -13,6 +14,8 @@ energy are read by the first rank of each node only, so summing ranks counts eac
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 from charllm.telemetry.errors import MonitorError
@@ -20,6 +23,19 @@ from charllm.telemetry.errors import MonitorError
 ZEUS_MODES = ("auto", "on", "off")
 NAN = math.nan
 WINDOW = "charllm-measure"
+
+
+RAPL_ROOT = Path("/sys/class/powercap")
+
+
+def rapl_readable(root: Path = RAPL_ROOT) -> bool:
+    """Whether this node exposes an Intel RAPL package energy counter Zeus could read."""
+    try:
+        return any(
+            (d / "energy_uj").is_file() and os.access(d / "energy_uj", os.R_OK) for d in root.glob("intel-rapl:*")
+        )
+    except OSError:
+        return False
 
 
 class ZeusWindow:
@@ -36,6 +52,10 @@ class ZeusWindow:
             raise MonitorError(f"telemetry.zeus must be one of {', '.join(ZEUS_MODES)}, got {mode!r}")
         if mode == "off":
             return None, "off"
+        if mode == "auto" and gpu_index is None and not (node_leader and rapl_readable()):
+            # a CPU rank with no RAPL counters: Zeus would measure time only (and importing its
+            # monitor costs ~2 s of scikit-learn per rank); telemetry.zeus: on forces it
+            return None, "skipped: no GPU and no readable RAPL counters for Zeus to measure"
         try:
             import zeus
             from zeus.monitor import ZeusMonitor

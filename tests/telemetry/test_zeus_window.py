@@ -12,8 +12,8 @@ from charllm.telemetry.errors import MonitorError
 from charllm.telemetry.zeus_window import ZeusWindow, combine_zeus
 
 
-def test_auto_measures_a_window_with_the_real_zeus_monitor() -> None:
-    win, note = ZeusWindow.create("auto", None, node_leader=True)
+def test_on_measures_a_window_with_the_real_zeus_monitor() -> None:
+    win, note = ZeusWindow.create("on", None, node_leader=True)
     assert win is not None and note.startswith("zeus 0.16")
     assert win.end() == {}  # never begun: nothing to report
     win.begin()
@@ -23,6 +23,21 @@ def test_auto_measures_a_window_with_the_real_zeus_monitor() -> None:
     assert math.isnan(out["zeus_gpu_energy_j"])  # no GPU on this machine
     # CPU/DRAM energy needs readable RAPL counters, which these machines do not expose
     assert math.isnan(out["zeus_cpu_energy_j"]) or out["zeus_cpu_energy_j"] >= 0
+
+
+def test_auto_skips_zeus_where_it_has_no_counter_to_read(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from charllm.telemetry import zeus_window
+
+    assert not zeus_window.rapl_readable(tmp_path)  # no intel-rapl:* here
+    (tmp_path / "intel-rapl:0").mkdir()
+    (tmp_path / "intel-rapl:0" / "energy_uj").write_text("123\n")
+    assert zeus_window.rapl_readable(tmp_path)
+    monkeypatch.setattr(zeus_window, "rapl_readable", lambda: False)
+    win, note = ZeusWindow.create("auto", None, node_leader=True)
+    assert win is None and note.startswith("skipped: no GPU and no readable RAPL")
+    # a CPU rank that is not its node's leader reads no RAPL either
+    monkeypatch.setattr(zeus_window, "rapl_readable", lambda: True)
+    assert ZeusWindow.create("auto", None, node_leader=False)[0] is None
 
 
 def test_off_and_missing_zeus(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -32,7 +32,8 @@ def _fast(**over: Any) -> dict[str, Any]:
 
 def test_single_rank_cli_writes_result_steps_and_node_telemetry(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    p = launch(_fast(), out)
+    # zeus: on, as a GPU node's auto would (on a CPU without RAPL, auto skips Zeus: time only)
+    p = launch(_fast(telemetry={"hz": 20, "zeus": "on"}), out)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "[measure] loss" in p.stdout  # progress lines for the Slurm log
 
