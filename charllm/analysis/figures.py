@@ -984,6 +984,8 @@ register_figure(
     lambda d: _has_summary(d) and (bool(d.schedule) or _nights(d.cells) > 1),
     lambda d: drift_figure(d.cells, d.out_dir, f"{d.campaign}: nightly drift", colors=d.colors),
 )
+# memory_alpha, throughput_alpha, kwai_table, scaling_<model>: registered by their module on import
+from charllm.analysis import figures_kwai as _figures_kwai  # noqa: E402,F401
 
 
 def _draw(

@@ -10,7 +10,7 @@
   (recompute mode and alpha), tokens/s/GPU, MFU as Kwai counts it (``mfu_causal``) and ours
   (``mfu``), max memory after step 2, offloaded bytes per step, the speed-up over the ``full``
   cell without offload of the same model/sequence/layout, and which alpha is the smallest that
-  fits in each mode.
+  fits in each mode. Drawn where a cell uses the kwai mode or alpha is swept.
 - ``scaling_<model>``: per model, throughput, throughput efficiency and peak memory scaling
   factor per GPU count and strategy (:mod:`charllm.analysis.scaling`), OOM hatched.
 
@@ -319,13 +319,14 @@ def _safe(name: Any) -> str:
 
 
 def scaling_models(cells: pd.DataFrame) -> list[str]:
-    """Models with cells on two GPU counts or more, one of them a single GPU."""
+    """Models with cells on two GPU counts or more, one of them an ok single-GPU cell (the baseline)."""
     if cells.empty or "world_size" not in cells or "model" not in cells:
         return []
     out = []
     for m, g in cells.groupby("model", sort=True):
         ws = pd.to_numeric(g["world_size"], errors="coerce")
-        if ws.nunique() > 1 and (ws == 1).any():
+        ok = g["outcome"] == "ok" if "outcome" in g else pd.Series(True, index=g.index)
+        if ws.nunique() > 1 and ((ws == 1) & ok).any():
             out.append(str(m))
     return out
 
@@ -386,7 +387,7 @@ def _register() -> None:
         lambda d: (
             not d.summary.empty
             and "recompute_mode" in d.summary
-            and (d.summary["recompute_mode"].nunique() > 1 or has_alpha_sweep(d.summary))
+            and (bool((d.summary["recompute_mode"] == "kwai").any()) or has_alpha_sweep(d.summary))
         ),
         lambda d: kwai_table_figure(d.summary, d.out_dir, f"{d.campaign}: recompute and offload"),
     )

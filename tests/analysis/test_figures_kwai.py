@@ -142,10 +142,37 @@ def test_scaling_figures_and_table_from_the_study_as_cells(tmp_path: Path) -> No
     for col in DERIVED_COLUMNS:
         np.testing.assert_allclose(got[col].to_numpy(float), ref[col].to_numpy(float), rtol=1e-9, atol=1e-9)
     assert set(table["strategy"]) == {"single_gpu", "ddp", "tp", "pp"}
-    paths = fk.scaling_figures(cells, tmp_path, "pcie")
-    stems = sorted({p.stem for p in paths})
-    assert stems == [f"scaling_pcie-{m}" for m in ("100m", "10m", "1b", "300m", "500m")]
+    assert fk.scaling_models(cells) == [f"pcie-{m}" for m in ("100m", "10m", "1b", "300m", "500m")]
+    paths = fk.scaling_figures(cells[cells["model"].isin(["pcie-1b", "pcie-10m"])], tmp_path, "pcie")
+    assert sorted({p.stem for p in paths}) == ["scaling_pcie-10m", "scaling_pcie-1b"]
     one_b = pd.read_csv(tmp_path / "scaling_pcie-1b.csv")
     eff = one_b[(one_b["metric"] == "throughput_efficiency_percent") & (one_b["series"] == "ddp")]
     assert set(one_b["group"]) == {"1 GPU", "2 GPUs", "4 GPUs"}
     assert sorted(eff["value"].round(1)) == [6.9, 72.9]  # REFERENCE.md: DDP2 72.9 %, DDP4 6.9 %
+
+
+def test_draw_all_draws_them_where_they_apply(tmp_path: Path) -> None:
+    """Through the figure registry: an alpha sweep gets the memory figure and Kwai's table, no scaling."""
+    from charllm.analysis.figures import FIGURES, FigureData, cell_summary, draw_all
+
+    assert [s for s in FIGURES if s in ("memory_alpha", "throughput_alpha", "kwai_table", "scaling")] == [
+        "memory_alpha",
+        "throughput_alpha",
+        "kwai_table",
+        "scaling",
+    ]
+    cells = _fig7_summary()
+    # the rest of a cells row as Kwai ran Figure 7: 256 GPUs, TP2 CP2 PP8 (DP 8), micro batch 1, global 256
+    more = {"repeat": 0, "world_size": 256, "tp": 2, "pp": 8, "cp": 2, "dp": 8, "micro_batch": 1, "global_batch": 256}
+    cells = cells.assign(cell_id=cells["cell_name"], opt_code=cells["recompute_mode"], **more)
+    kw = dict(gpus=pd.DataFrame(), kernels=pd.DataFrame(), references=[], schedule=None, report=False)
+    stems = {p.stem for p in draw_all(cells, pd.DataFrame(), tmp_path, "kwai-fig7", **kw)}
+    print(sorted(stems))
+    assert {"memory_alpha", "kwai_table"} <= stems
+    assert "throughput_alpha" not in stems and not any(s.startswith("scaling_") for s in stems)
+    pcie, _ = _pcie_cells()
+    # the PCIe rows: scaling applies, the Kwai figures do not (predicates only: drawing is tested above)
+    pcie = pcie.assign(cell_id=pcie["cell_name"], micro_batch=1, global_batch=1, opt_code="00000")
+    d = FigureData("pcie", tmp_path, pcie, pd.DataFrame(), cell_summary(pcie), pd.DataFrame(), pd.DataFrame(), None, {})
+    applies = {s for s in ("memory_alpha", "throughput_alpha", "kwai_table", "scaling") if FIGURES[s].applies_to(d)}
+    assert applies == {"scaling"}
