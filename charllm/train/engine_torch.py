@@ -142,7 +142,7 @@ class TorchEngine:
         self.last = self.pp_rank == p.pp - 1
         autocast = torch.bfloat16 if cell.precision == "bf16" else None
         self.attn_backend = select_attention_backend(cell.opt.attn_backend, device)
-        layers = split_layers(cell.model.n_layers, p.pp)[self.pp_rank]
+        layers = split_layers(cell.model.n_layers, p.pp, p.pp_partition)[self.pp_rank]
 
         with torch.device("meta"):
             model = Transformer(

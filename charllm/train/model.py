@@ -264,12 +264,10 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def split_layers(n_layers: int, pp: int) -> list[range]:
-    """Contiguous layer ranges per pipeline stage, earlier stages taking the remainder."""
-    base, rem = divmod(n_layers, pp)
-    out, start = [], 0
-    for s in range(pp):
-        n = base + (1 if s < rem else 0)
-        out.append(range(start, start + n))
-        start += n
-    return out
+def split_layers(n_layers: int, pp: int, partition: str = "") -> list[range]:
+    """Contiguous layer ranges per pipeline stage: uniform (earlier stages taking the remainder),
+    or a custom partition ``custom:0,8,14,20,26`` (:func:`charllm.capabilities.stage_starts`)."""
+    from charllm.capabilities import stage_starts
+
+    starts = [*stage_starts(partition, n_layers, pp), n_layers]
+    return [range(a, b) for a, b in zip(starts, starts[1:], strict=False)]
