@@ -1,9 +1,12 @@
-"""The 1F1B DAG and the frontier planner on the published Perseus profile (GPT-3 175B, A100-SXM)."""
+"""The 1F1B DAG and the all-max baseline on the published Perseus profile (GPT-3 175B, A100-SXM).
+
+The min-cut frontier itself runs in tests/energy/test_campaign_energy.py (energy-plan on two stages)
+and, on the full 8-stage rows, in benchmarks/perseus_frontier.py.
+"""
 
 from __future__ import annotations
 
 import csv
-import time
 from pathlib import Path
 
 import pytest
@@ -46,30 +49,3 @@ def test_min_iteration_time_and_intrinsic_saving_published_profile() -> None:
     assert base.time == pytest.approx(2.818, rel=1e-3)
     assert t_min == pytest.approx(base.time, rel=1e-3)
     assert save == pytest.approx(15.2, abs=0.5)
-
-
-def test_frontier_planner_small_row() -> None:
-    """lowtime's min-cut frontier on stages 0-3 of the profile, 4 micro-batches (the full row: benchmarks/)."""
-    pytest.importorskip("lowtime", reason="lowtime (the 'energy' extra) is not installed")
-    full = _profile()
-    prof = {k: v for k, v in full.items() if k[0] < 4}
-    t0 = time.monotonic()
-    pts = list(planner.frontier(prof, 4, P2P_W, unit_s=0.001))
-    took = time.monotonic() - t0
-    base = planner.all_max(prof, 4, P2P_W)
-    # the slowest Pareto-optimal option of each instruction is its least-energy one
-    least = {k: min(v.values(), key=lambda te: te[1]) for k, v in prof.items()}
-    slow = planner.simulate(4, 4, lambda s, i, m: planner.quantise(least[(s, i)][0], 0.001))
-    print(
-        f"{len(pts)} frontier points in {took:.1f} s: {pts[0].time:.3f} s {pts[0].energy:.1f} J -> "
-        f"{pts[-1].time:.3f} s {pts[-1].energy:.1f} J (profiled {pts[-1].energy_profiled:.1f} J); "
-        f"all-max {base.time:.3f} s {base.energy:.1f} J; saving {planner.saving(base.energy, pts[-1].energy_profiled):.2f} %"
-    )
-    assert pts[-1].time == pytest.approx(base.time, abs=1e-9)  # the fastest plan is as fast as all-max
-    assert pts[0].time <= slow.time + 1e-9 and pts[0].time >= slow.time - 0.0015
-    times = [p.time for p in pts]
-    assert times == sorted(times, reverse=True) and len(set(times)) == len(times)
-    assert pts[-1].energy > pts[0].energy  # the fastest plan costs more than the slowest
-    assert pts[-1].energy_profiled < base.energy  # slack instructions slowed down: energy saved at equal time
-    # every instruction has a profiled frequency in every plan
-    assert all(len(p.plan) == 2 * 4 * 4 and all(f in prof[(k[0], k[1])] for k, f in p.plan.items()) for p in pts)
