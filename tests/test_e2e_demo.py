@@ -7,10 +7,14 @@ every cell done and submits nothing.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,11 +99,76 @@ def _rerun_submits_nothing(env: dict[str, str], home: Path) -> None:
     assert len(list(work.iterdir())) == 6
 
 
+def _figures_dag_created_unpaused(env: dict[str, str]) -> None:
+    """``dags test`` wrote both DAGs to the metadata DB: the figures DAG starts unpaused, so the
+    tables Asset event of a run triggered from the UI draws figures without a person unpausing it."""
+    db = env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].removeprefix("sqlite:///")
+    with sqlite3.connect(db) as con:
+        paused = dict(con.execute("SELECT dag_id, is_paused FROM dag WHERE dag_id LIKE 'charllm_demo%'").fetchall())
+    print("is_paused:", paused)
+    assert paused.get("charllm_demo_figures") == 0, paused
+
+
+def _kill_training_under(root: Path, deadline_s: float) -> int | None:
+    """SIGKILL the first training process whose working directory is under ``root`` (what the
+    kernel's OOM killer or ``scancel -s KILL`` does to a job); its pid, or None by the deadline."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmd = (proc / "cmdline").read_bytes().split(b"\0")
+                cwd = os.readlink(proc / "cwd")
+            except OSError:
+                continue
+            if b"charllm.train" in cmd and cwd.startswith(str(root)):
+                os.kill(int(proc.name), signal.SIGKILL)
+                return int(proc.name)
+        time.sleep(0.05)
+    return None
+
+
+def _forced_rerun_whose_job_dies_fails_the_run(env: dict[str, str], home: Path) -> None:
+    """The cell had an ``ok`` result; a forced re-run of it whose job is killed fails its run
+    (the verdict judges this run's attempt, not the earlier ``ok``)."""
+    import pandas as pd
+
+    from charllm.catalog import Catalog
+
+    cell = "tiny-tp1pp1dp1-mb4-gb8-s64-00000"
+    cells = pd.read_parquet(home / "tables" / "demo" / "cells.parquet")
+    cell_id = str(cells.loc[cells["cell_name"] == cell, "cell_id"].iloc[0])
+    airflow = str(Path(sys.executable).parent / "airflow")
+    conf = json.dumps({"cells": cell, "force": True})
+    proc = subprocess.Popen(
+        [airflow, "dags", "test", "charllm_demo", "--conf", conf],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        killed = _kill_training_under(home / "work", 300)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    print(f"killed training pid {killed}; dags test exit {proc.returncode}")
+    assert killed is not None, out[-6000:]
+    assert proc.returncode != 0, out[-6000:]
+    assert "some cells produced no result" in out, out[-6000:]
+    attempts = Catalog(f"sqlite:///{home / 'catalog.db'}").attempts(cell_id=cell_id)
+    print("attempts of the cell:", [(a.attempt, a.outcome, a.run_id) for a in attempts])
+    assert [a.outcome for a in sorted(attempts, key=lambda a: a.attempt)] == ["ok", "timeout"]
+
+
 def test_demo_end_to_end_sqlite(tmp_path):
     env, log = _run_demo(tmp_path, None)
     home = Path(env["CHARLLM_HOME"])
     _check_results(home, log)
     _rerun_submits_nothing(env, home)
+    _figures_dag_created_unpaused(env)
+    _forced_rerun_whose_job_dies_fails_the_run(env, home)
 
 
 @pytest.mark.postgres
@@ -119,3 +188,9 @@ def test_dry_run_with_cell_filter_renders_and_submits_nothing(tmp_path):
     assert scripts == ["tiny-tp1pp1dp1-mb2-gb8-s64-00000-r0", "tiny-tp1pp1dp1-mb2-gb8-s64-01000-r0"]
     assert not (home / "work" / ".jobs").exists()
     assert "2 cell repeat(s) to run" in log
+    # a filter that matches nothing fails the run at once and names the cells it could have matched
+    run = _airflow(env, "dags", "test", "charllm_demo", "--conf", '{"cells": "*dp8*"}')
+    log = run.stdout + run.stderr
+    assert run.returncode != 0, log[-8000:]
+    assert "matches no cell of campaign demo" in log and "tiny-tp1pp1dp1-mb2-gb8-s64-00000" in log, log[-8000:]
+    assert not (home / "work" / ".jobs").exists()
