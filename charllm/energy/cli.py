@@ -35,7 +35,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("cell", help="cell name, glob or id prefix (exactly one cell)")
     p.add_argument("--profile", type=Path, help="a stage_profile.csv to plan instead of the cell's own run")
     p.add_argument("--micro-batches", type=int, help="micro batches per iteration (default: the cell's)")
-    p.add_argument("--p2p-w", type=float, required=True, help="P2P blocking power of one GPU (W), measured with >= 2 GPUs")
+    p.add_argument(
+        "--p2p-w", type=float, required=True, help="P2P blocking power of one GPU (W), measured with >= 2 GPUs"
+    )
     p.add_argument("--unit-s", type=float, default=DEFAULT_UNIT_S, help="time quantum of the planner (s)")
     p.add_argument("--out", type=Path, help="output folder")
     p.set_defaults(fn=cmd_energy_plan)
@@ -63,7 +65,9 @@ def _run_dir(cell: Any) -> Path:
             if hits:
                 return hits[0].parent
     raise ConfigError(
-        "catalog", "cell", f"cell {cell.name} has no ok result with instruction timelines; run it with profile: instructions"
+        "catalog",
+        "cell",
+        f"cell {cell.name} has no ok result with instruction timelines; run it with profile: instructions",
     )
 
 

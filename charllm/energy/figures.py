@@ -54,7 +54,7 @@ def gantt_figure(
     cmap = matplotlib.colormaps["plasma"]
     fig, ax = plt.subplots(figsize=(10, 0.6 * stages + 1.5))
     for k, t0 in sched.start.items():
-        s, ins, m = k
+        s, ins, _m = k
         ax.barh(s, sched.end[k] - t0, left=t0, color=cmap(norm(powers[k])), edgecolor="black", linewidth=0.3,
                 hatch="//" if ins == "backward" else None)  # fmt: skip
     ax.set_yticks(range(stages))

@@ -48,7 +48,7 @@ def rank_profile(out: Path, rank: int, skip_steps: int = 1) -> dict[str, Any]:
     t0, t1 = steps[0]["start"], steps[-1]["end"]
     energies = instruction_energy(series, rows)
     window = [c for t, c in clocks if t0 <= t <= t1]
-    freq = int(round(statistics.median(window))) if window else 0
+    freq = round(statistics.median(window)) if window else 0
     return {
         "rank": rank,
         "stage": int(meta["stage"]),

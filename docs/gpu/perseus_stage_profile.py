@@ -30,10 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
+import torch
 
-from charllm import modelcat  # noqa: E402
-from charllm.energy.attribution import (  # noqa: E402
+from charllm import modelcat
+from charllm.energy.attribution import (
     EnergySeries,
     idle_energy,
     instruction_energy,
@@ -41,9 +41,9 @@ from charllm.energy.attribution import (  # noqa: E402
     write_stage_profile,
     write_timeline,
 )
-from charllm.energy.planner import onef1b_order  # noqa: E402
-from charllm.energy.recorder import InstructionRecorder  # noqa: E402
-from charllm.train.model import Transformer, loss_fn, split_layers  # noqa: E402
+from charllm.energy.planner import onef1b_order
+from charllm.energy.recorder import InstructionRecorder
+from charllm.train.model import Transformer, loss_fn, split_layers
 
 
 class FakeCounter:
@@ -115,7 +115,7 @@ class Counter:
         self._thread.join()
 
 
-def run_stage(args: argparse.Namespace, s: int, counter: Counter, out: Path) -> dict:
+def run_stage(args: argparse.Namespace, s: int, counter: Counter | FakeCounter, out: Path) -> dict:
     shape = modelcat.get(args.model, args.proxy_layers)
     layers = split_layers(shape.n_layers, args.stages)[s]
     first, last = s == 0, s == args.stages - 1
@@ -208,12 +208,17 @@ def run_stage(args: argparse.Namespace, s: int, counter: Counter, out: Path) -> 
     }
     samples = [(s, clock, r, e) for r, e in zip(rec.rows, energies, strict=True)]
     res["profile"] = [
-        {"instruction": p.instruction, "frequency": p.frequency, "time": p.time, "energy": p.energy, "window_s": p.window_s}
+        {
+            "instruction": p.instruction,
+            "frequency": p.frequency,
+            "time": p.time,
+            "energy": p.energy,
+            "window_s": p.window_s,
+        }
         for p in stage_profile(samples)
     ]
-    del model
     if dev.type == "cuda":
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # the stage's model is freed when this function returns
     return {"result": res, "samples": samples}
 
 

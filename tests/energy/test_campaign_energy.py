@@ -124,7 +124,7 @@ def test_energy_plan_cli(include_tmp: Path, tmp_path: Path) -> None:
     assert times == sorted(times, reverse=True) and len(set(times)) == len(times)  # one time unit per point
     assert plans[-1]["energy"] > plans[0]["energy"]  # the fastest plan costs more than the slowest
     assert summary["energy_at_min_time_profiled_j"] < summary["all_max"]["energy_j"]  # slack slowed: saved
-    freqs = {(0, "forward"): set(), (1, "backward"): set()}
+    freqs: dict[tuple[int, str], set[int]] = {}
     for p in plans:
         assert len(p["plan"]) == 2 * 2 * 4  # every instruction of every stage has a frequency
         for s, ins, _mb, f in p["plan"]:
