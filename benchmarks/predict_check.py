@@ -108,6 +108,26 @@ def main() -> int:
         print(
             f"  {name}: largest micro batch that ran {measured}, predicted {predicted} -> {'PASS' if good else 'FAIL'}"
         )
+    job_path = REPO / "docs" / "gpu" / "predict-h200-job.json"
+    if job_path.exists():
+        job = json.loads(job_path.read_text())["job"]
+        m, prof, win = job["metrics"], LayerProfile.from_dict(job["profile"], str(job_path)), job["measure_window"]
+        ratio = prof.profiled_step_s() / m["step_time_median_s"]
+        q = memory.MemoryQuery(
+            model=prof.model, gpu_type="h200", micro_batch=prof.micro_batch,
+            global_batch=prof.micro_batch * prof.grad_accum, seq_len=prof.seq_len,
+        )  # fmt: skip
+        mem = memory.estimate(q).peak_bytes / m["max_memory_allocated_bytes"]
+        step = timing.predict_step(q).step_s / m["step_time_median_s"]
+        good = abs(ratio - 1) <= 0.05 and win["reason"] == "ci+energy"
+        ok &= good
+        print("4. the job itself (python -m charllm.train, profile: layers, window: adaptive), GPT-3 1.3B mb 8 gb 16")
+        print(
+            f"  measured {int(m['measured_steps'])} of 30 steps ({win['reason']}: CI half-width {win['ci_half_width_rel']:.2%}, "
+            f"window {win['window_s']:.1f} s), median {m['step_time_median_s']:.4f} s, MFU {m['mfu']:.3f}, "
+            f"{m['energy_per_step_j']:.0f} J/step; profile sum / step {ratio:.3f}; predicted / measured: "
+            f"memory {mem:.3f}, step {step:.3f} -> {'PASS' if good else 'FAIL'}"
+        )
     return 0 if ok else 1
 
 

@@ -135,11 +135,51 @@ def oom_sweep(shape: modelcat.ModelShape, mbs: list[int], seq: int, denv: Any, d
     return rows
 
 
+def job_check(out: Path, cpu: bool) -> dict:
+    """``profile: layers`` and ``window: adaptive`` through the job itself (``python -m charllm.train``)."""
+    import shutil
+    import subprocess
+
+    shape = modelcat.get("tiny") if cpu else modelcat.get("gpt3-1.3b")
+    cell = cell_dict(shape, 2 if cpu else 8, 4 if cpu else 16, 64 if cpu else 2048, False, "cpu" if cpu else "h200",
+                     "fp32" if cpu else "bf16")  # fmt: skip
+    cell["opt"].update({"profile_mode": "layers", "profile_steps": 2, "window": "adaptive"})
+    cell["steps"] = 30
+    cell["warmup"] = {"min_steps": 3, "max_steps": 10}
+    cell["name"] = cell["cell_id"] = "job-profile-adaptive"
+    work = Path("/tmp/charllm-predict-job")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    (work / "cell.json").write_text(json.dumps(cell))
+    t = time.time()
+    p = subprocess.run(
+        [sys.executable, "-m", "charllm.train", "--cell", str(work / "cell.json"), "--out", str(work / "out")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    (out / "job-log.txt").write_text(p.stdout[-20000:] + "\n--- stderr\n" + p.stderr[-8000:])
+    res = json.loads((work / "out" / "result.json").read_text())
+    profs = sorted((work / "out" / "profiles").glob("*.json"))
+    steps = (work / "out" / "steps.csv").read_text()
+    summary = {
+        "rc": p.returncode,
+        "wall_s": time.time() - t,
+        "outcome": res["outcome"],
+        "metrics": res.get("metrics", {}),
+        "measure_window": res.get("provenance", {}).get("measure_window"),
+        "steps_csv": steps,
+        "profile": json.loads(profs[0].read_text()) if profs else None,
+    }
+    print(f"job: rc {p.returncode} {res['outcome']} window {summary['measure_window']}", flush=True)
+    return summary
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--cpu", action="store_true", help="tiny smoke run on CPU")
-    ap.add_argument("--sections", default="sweep,llama,oom")
+    ap.add_argument("--sections", default="sweep,llama,oom", help="sweep,llama,oom,job")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -179,6 +219,8 @@ def main() -> int:
             )
     if "oom" in sections and not args.cpu:
         res["oom"] = oom_sweep(shape, [16, 20, 24, 28, 32, 40], seq, denv, device, gpu)
+    if "job" in sections:
+        res["job"] = job_check(out, args.cpu)
     res["finished_unix_s"] = time.time()
     (out / "predict-gpu.json").write_text(json.dumps(res, indent=1) + "\n")
     import torch.distributed as dist

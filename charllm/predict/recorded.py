@@ -4,7 +4,8 @@ The models are checked (and their coefficients were fitted) against these: ``tes
 (cell.json + result.json + steps.csv), the small campaign's results store
 (``docs/gpu/small-campaign/results.tgz``), the megatron engine's runs
 (``docs/gpu/validate-h200-megatron-complete-runs.tar.gz``) and the issue-14 H200 sweeps
-(``docs/gpu/predict-h200-run*.json``, which also hold layer profiles and an OOM sweep).
+(``docs/gpu/predict-h200-run*.json``, which also hold layer profiles and an OOM sweep) and the
+in-job check (``docs/gpu/predict-h200-job.json``: ``profile: layers`` and ``window: adaptive``).
 """
 
 from __future__ import annotations
@@ -121,6 +122,29 @@ def _from_predict_run(path: Path) -> list[Recorded]:
     return out
 
 
+def _from_predict_job(path: Path) -> list[Recorded]:
+    """The in-job check (``python -m charllm.train`` with profile: layers, window: adaptive)."""
+    job = json.loads(path.read_text()).get("job")
+    if not job or job.get("outcome") != "ok" or not job.get("profile"):
+        return []
+    prof = job["profile"]
+    cell = {
+        "name": "job-profile-adaptive",
+        "model": prof["model"],
+        "parallel": {"tp": 1, "pp": 1, "dp": 1, "cp": 1, "ep": 1, "fsdp": False},
+        "micro_batch": prof["micro_batch"],
+        "global_batch": prof["micro_batch"] * prof["grad_accum"],
+        "seq_len": prof["seq_len"],
+        "opt": {"recompute": False, "compile": False, "window": "adaptive"},
+        "engine": "torch",
+        "precision": "bf16",
+        "gpu_type": "h200",
+        "world_size": 1,
+    }
+    steps = _steps_from_csv(job["steps_csv"])
+    return [Recorded(f"{path.relative_to(REPO)}:job", cell, "ok", dict(job["metrics"]), steps, prof)]
+
+
 def oom_sweeps() -> list[tuple[str, list[dict[str, Any]]]]:
     """The micro-batch OOM sweeps of the H200 runs: (file, rows)."""
     out = []
@@ -144,4 +168,7 @@ def all_recorded() -> list[Recorded]:
             out.extend(_from_tar(tar))
     for p in sorted((REPO / "docs" / "gpu").glob("predict-h200-run*.json")):
         out.extend(_from_predict_run(p))
+    job = REPO / "docs" / "gpu" / "predict-h200-job.json"
+    if job.exists():
+        out.extend(_from_predict_job(job))
     return out
