@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from charllm.outcomes import Outcome
+
 _UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4, "bytes": 1}
 
 # The caching allocator's message, e.g. "CUDA out of memory. Tried to allocate 20.00 GiB.
@@ -38,8 +40,8 @@ def parse_oom_message(text: str) -> dict[str, Any]:
     return out
 
 
-def classify_exception(exc: BaseException) -> tuple[str, Any]:
-    """``("oom", detail dict)`` for a device out-of-memory error, else ``("failed", text)``."""
+def classify_exception(exc: BaseException) -> tuple[Outcome, Any]:
+    """``(Outcome.OOM, detail dict)`` for a device out-of-memory error, else ``(Outcome.FAILED, text)``."""
     text = f"{type(exc).__name__}: {exc}"
     oom_type = False
     try:
@@ -54,6 +56,6 @@ def classify_exception(exc: BaseException) -> tuple[str, Any]:
         seen.append(cur)
         msg = str(cur)
         if oom_type or any(p.search(msg) for p in _OOM_PATTERNS):
-            return "oom", parse_oom_message(msg)
+            return Outcome.OOM, parse_oom_message(msg)
         cur = cur.__cause__ or cur.__context__
-    return "failed", text
+    return Outcome.FAILED, text
