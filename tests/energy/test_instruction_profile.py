@@ -35,6 +35,7 @@ def _covered(intervals: list[tuple[float, float]], t0: float, t1: float) -> floa
     return total
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize(("pp", "partition"), [(2, "custom:0,1,4"), (4, "")])
 def test_pipeline_instruction_timeline(tmp_path: Path, pp: int, partition: str) -> None:
     cell = make_cell(
