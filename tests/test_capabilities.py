@@ -59,11 +59,21 @@ def test_megatron_target_capabilities() -> None:
 
 def test_torch_capabilities() -> None:
     assert TORCH.supports("compile") and TORCH.supports("fsdp") and TORCH.supports("recompute:full")
-    assert not TORCH.supports("recompute:selective") and not TORCH.supports("pp_virtual")
+    assert TORCH.supports("recompute:selective") and TORCH.supports("recompute:kwai")
+    assert not TORCH.supports("pp_virtual")
     v = _view(engine="torch", tp=2, pp=2, dp=2, fsdp=True, compile=True, recompute="full", overlap=True)
     assert refusals(v) == []
-    assert _fields(replace(v, recompute="selective")) == [("recompute", "engine")]
-    assert _fields(replace(v, cp=2, world_size=None)) == [("cp", "engine")]
+    assert refusals(replace(v, recompute="selective")) == []
+    # kwai runs on the tp shards; offload is not traced by torch.compile; kwai is for dense MLPs
+    assert refusals(replace(v, recompute="kwai")) == []
+    assert _fields(replace(v, recompute="kwai", offload_alpha=0.5)) == [("compile", "engine")]
+    assert refusals(replace(v, recompute="kwai", compile=False, offload_alpha=0.5)) == []
+    moe = _view(engine="torch", model=modelcat.get("tiny-moe"), seq_len=64, global_batch=8, recompute="kwai")
+    assert _fields(moe) == [("model", "engine")]
+    # ring attention: with dp/fsdp, not with tp or pp; the sequence splits into 2 cp chunks
+    assert _fields(replace(v, cp=2, world_size=None)) == [("cp", "engine"), ("cp", "engine")]
+    assert refusals(replace(v, cp=2, tp=1, pp=1, world_size=None, seq_len=64)) == []
+    assert _fields(replace(v, cp=2, tp=1, pp=1, world_size=None, seq_len=66)) == [("seq_len", "engine")]
     moe = modelcat.get("tiny-moe")
     assert refusals(_view(engine="torch", model=moe, dp=2, seq_len=64, global_batch=8)) == []  # replicated experts
     assert ("ep", "engine") in _fields(_view(engine="torch", model=moe, dp=2, ep=2, seq_len=64, global_batch=8))

@@ -303,6 +303,12 @@ class MegatronEngine:
         if cell.opt.recompute:
             if cell.opt.recompute_granularity == "selective":
                 kw.update(recompute_granularity="selective", recompute_modules=["core_attn"])
+            elif cell.opt.recompute_layers:  # the first N layers of each (virtual) stage
+                kw.update(
+                    recompute_granularity="full",
+                    recompute_method="block",
+                    recompute_num_layers=cell.opt.recompute_layers,
+                )
             else:
                 kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
         if gated:
@@ -517,7 +523,9 @@ class MegatronEngine:
         else:
             schedule = "1F1B (megatron-core)"
         recompute = "none"
-        if cfg.recompute_granularity == "full":
+        if cfg.recompute_granularity == "full" and cfg.recompute_method == "block":
+            recompute = f"full (block, first {cfg.recompute_num_layers} layers per stage)"
+        elif cfg.recompute_granularity == "full":
             recompute = "full (uniform, 1 layer per group)"
         elif cfg.recompute_granularity == "selective":
             recompute = f"selective ({', '.join(cfg.recompute_modules)})"

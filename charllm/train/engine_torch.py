@@ -27,12 +27,13 @@ on GPU. Context and expert parallelism are not implemented here (clear error).
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from charllm.capabilities import torch_recompute_words
 from charllm.train.cell import CellSpec
 from charllm.train.data import token_source
 from charllm.train.dist import DistEnv, reduce_step_stats
@@ -123,8 +124,8 @@ class TorchEngine:
         from torch.distributed.device_mesh import init_device_mesh
 
         p = cell.parallel
-        if p.cp > 1:
-            raise EngineUnavailableError("context parallelism (cp > 1) is not implemented in the torch engine")
+        if p.cp > 1 and (p.tp > 1 or p.pp > 1):
+            raise EngineUnavailableError("context parallelism runs with dp/fsdp/zero only in the torch engine")
         if p.ep > 1:
             raise EngineUnavailableError(
                 "expert parallelism (ep > 1) is not implemented in the torch engine: "
@@ -134,10 +135,14 @@ class TorchEngine:
             raise EngineUnavailableError(f"dataset kind {cell.dataset.kind!r} is not supported")
         self.cell, self.denv, self.device = cell, denv, device
         self.accum = cell.grad_accum
-        self.mesh = init_device_mesh(device.type, (p.pp, p.dp, p.tp), mesh_dim_names=("pp", "dp", "tp"))
+        self.mesh = init_device_mesh(device.type, (p.pp, p.dp, p.cp, p.tp), mesh_dim_names=("pp", "dp", "cp", "tp"))
         self.pp_rank = self.mesh.get_local_rank("pp")
         self.dp_rank = self.mesh.get_local_rank("dp")
+        self.cp_rank = self.mesh.get_local_rank("cp")
         self.tp_rank = self.mesh.get_local_rank("tp")
+        # gradients are averaged over dp x cp (cp ranks hold the same weights, other tokens)
+        self.sync_mesh = self.mesh["dp", "cp"]._flatten("dp_cp") if p.cp > 1 else self.mesh["dp"]
+        self.sync_size = p.dp * p.cp
         self.first = self.pp_rank == 0
         self.last = self.pp_rank == p.pp - 1
         autocast = torch.bfloat16 if cell.precision == "bf16" else None
@@ -151,8 +156,9 @@ class TorchEngine:
                 layers,
                 first=self.first,
                 last=self.last,
-                recompute=cell.opt.recompute,
+                recompute=cell.opt.recompute_granularity if cell.opt.recompute else "none",
                 autocast_dtype=autocast,
+                recompute_layers=cell.opt.recompute_layers,
             )
         if p.tp > 1:
             from torch.distributed.tensor.parallel import parallelize_module
@@ -167,49 +173,84 @@ class TorchEngine:
             if cell.opt.compile_loss and self.last:
                 # fuses the float32 upcast of the logits with log-softmax and its backward
                 self.loss_fn = torch.compile(loss_fn)
+        zero = cell.opt.zero
+        self.zero = zero
+        # ZeRO-2/3 are FSDP2 over dp (2: parameters kept gathered through the step)
+        sharded = p.fsdp or zero in (2, 3)
         # one GPU, bf16: FSDP2 over the one-rank dp mesh is mixed precision with bf16 weights
         self.bf16_params = (
             cell.opt.bf16_params != "off"
             and autocast is not None
-            and not p.fsdp
+            and not sharded
+            and zero == 0
             and p.world_size == 1
             and (device.type == "cuda" or cell.opt.bf16_params == "on")
         )
         # FSDP2 keeps parameters gathered through the step's micro batches (ZeRO-2-like)
-        self.keep_gathered = not cell.opt.fsdp_reshard_after_forward or self.bf16_params
-        if p.fsdp or self.bf16_params:
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        self.keep_gathered = not cell.opt.fsdp_reshard_after_forward or self.bf16_params or zero == 2
+        self.cpu_offload = cell.opt.cpu_offload
+        if sharded or self.bf16_params:
+            from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if autocast else None
-            kw: dict[str, Any] = {"mesh": self.mesh["dp"]}
+            # cast_forward_inputs off: the RoPE table a block gets stays float32, in forward and in a
+            # checkpoint's recompute alike (FSDP2 casts inputs in forward only); activations are bf16 anyway
+            mp = (
+                MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+                if autocast
+                else None
+            )
+            kw: dict[str, Any] = {"mesh": self.sync_mesh}
             if mp is not None:
                 kw["mp_policy"] = mp
+            if self.cpu_offload:
+                kw["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
             # with pipelining, or when asked, keep params gathered across micro batches
             reshard = p.pp == 1 and not self.keep_gathered
             for block in model.layers.values():
                 fully_shard(block, reshard_after_forward=reshard, **kw)
             fully_shard(model, reshard_after_forward=reshard, **kw)
-        model.to_empty(device=device)
+        # CPU offload: FSDP2 keeps the sharded parameters (and the optimizer step) on the host
+        model.to_empty(device="cpu" if self.cpu_offload else device)
         model.init_weights(cell.seed)
+        if self.cpu_offload:
+            for mod in model.modules():
+                for name, buf in list(mod._buffers.items()):
+                    if buf is not None:
+                        mod._buffers[name] = buf.to(device)
         model.train()
+        if p.cp > 1:
+            from charllm.train.context_parallel import local_positions
+
+            model.positions = local_positions(cell.seq_len, p.cp, self.cp_rank, device)
+            ring = (self.mesh["cp"].get_group(), p.cp, self.cp_rank)
+            for block in model.layers.values():
+                cast(Any, block).attn.cp = ring
+        self.offloader: Any = None
+        if cell.opt.offload_alpha > 0:
+            from charllm.train.offload import Offloader
+
+            self.offloader = Offloader(cell.opt.offload_alpha, device)
+            self.offloader.register_buffers(model)
+            model.offloader = self.offloader
+        self.offload_steps: list[tuple[int, int]] = []
         self.model: nn.Module = model
         self.stage_model = model
 
         self.grad_sync = "none"
-        if p.fsdp or self.bf16_params:
+        if sharded or self.bf16_params:
             self.grad_sync = "fsdp2"
-        elif p.dp > 1 and p.tp == 1 and p.pp == 1 and cell.opt.overlap:
+        elif zero == 1 or (self.sync_size > 1 and p.tp == 1 and p.pp == 1 and cell.opt.overlap):
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.model = DDP(
                 model,
                 device_ids=[device.index] if device.type == "cuda" else None,
-                process_group=self.mesh["dp"].get_group(),
+                process_group=self.sync_mesh.get_group(),
                 gradient_as_bucket_view=True,
                 bucket_cap_mb=cell.opt.ddp_bucket_mb,
             )
             self.grad_sync = "ddp-overlapped"
-        elif p.dp > 1:
+        elif self.sync_size > 1:
             self.grad_sync = "allreduce-after-backward"
 
         params = [q for q in model.parameters() if q.requires_grad]
@@ -222,9 +263,25 @@ class TorchEngine:
                 ps = [q for q in params if _is_dtensor(q) == is_dt and (q.ndim >= 2) == decay]
                 if ps:
                     groups.append({"params": ps, "weight_decay": cell.opt.weight_decay if decay else 0.0})
-        fused = device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(groups, lr=cell.opt.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
-        self.optimizer_impl = "fused" if fused else "foreach"
+        fused = device.type == "cuda" and not self.cpu_offload
+        adam: dict[str, Any] = {"lr": cell.opt.lr, "betas": (0.9, 0.95), "eps": 1e-8, "fused": fused}
+        self.optimizer: Any
+        if zero == 1:
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
+            # ZeRO-1: each dp rank keeps and steps the AdamW state of its share of the parameters
+            self.optimizer = ZeroRedundancyOptimizer(
+                groups[0]["params"],
+                optimizer_class=torch.optim.AdamW,
+                process_group=self.sync_mesh.get_group(),
+                weight_decay=groups[0]["weight_decay"],
+                **adam,
+            )
+            for grp in groups[1:]:
+                self.optimizer.add_param_group(grp)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, **adam)
+        self.optimizer_impl = ("fused" if fused else "foreach") + (", ZeroRedundancyOptimizer" if zero == 1 else "")
 
         self.data = token_source(cell, self.dp_rank, device)
         self.schedule: Any = None
@@ -243,9 +300,11 @@ class TorchEngine:
         """Run one optimizer step; returns this rank's mean micro-batch loss (0 if not a reporter)."""
         loss = self._step_pipelined(step) if self.schedule is not None else self._step_flat(step)
         if self.grad_sync == "allreduce-after-backward":
-            allreduce_grads(self.params, self.mesh["dp"].get_group(), self.cell.parallel.dp)
+            allreduce_grads(self.params, self.sync_mesh.get_group(), self.sync_size)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.offloader is not None:
+            self.offload_steps.append(self.offloader.take_counters())
         return loss
 
     def _step_flat(self, step: int) -> torch.Tensor:
@@ -253,6 +312,11 @@ class TorchEngine:
         for m in range(self.accum):
             last = m == self.accum - 1
             x, y = self.data.micro_batch(step * self.accum + m)
+            if self.cell.parallel.cp > 1:
+                from charllm.train.context_parallel import split_batch
+
+                x = split_batch(x, self.cell.parallel.cp, self.cp_rank)
+                y = split_batch(y, self.cell.parallel.cp, self.cp_rank)
             ctx: Any = contextlib.nullcontext()
             if self.grad_sync == "ddp-overlapped" and not last:
                 ctx = self.model.no_sync()  # type: ignore[operator]
@@ -294,8 +358,8 @@ class TorchEngine:
         p = self.cell.parallel
         return {
             "engine": "torch",
-            "mesh": {"pp": p.pp, "dp": p.dp, "tp": p.tp},
-            "coords": {"pp": self.pp_rank, "dp": self.dp_rank, "tp": self.tp_rank},
+            "mesh": {"pp": p.pp, "dp": p.dp, "cp": p.cp, "tp": p.tp},
+            "coords": {"pp": self.pp_rank, "dp": self.dp_rank, "cp": self.cp_rank, "tp": self.tp_rank},
             "grad_sync": self.grad_sync,
             "grad_accum": self.accum,
             "pp_schedule": type(self.schedule).__name__ if self.schedule is not None else None,
@@ -306,10 +370,29 @@ class TorchEngine:
                 if self.cell.opt.compile
                 else False
             ),
-            "recompute": "full (every block)" if self.cell.opt.recompute else "none",
+            "recompute": torch_recompute_words(
+                self.cell.opt.recompute_granularity if self.cell.opt.recompute else "none",
+                self.cell.opt.recompute_layers,
+            ),
+            "zero": self.zero,
+            "cpu_offload": self.cpu_offload,
+            "offload_alpha": self.cell.opt.offload_alpha,
             "attention": f"sdpa {self.attn_backend}",
             "params": "bf16 compute copies via FSDP2 (1 rank), fp32 master" if self.bf16_params else "fp32 (autocast)",
             "params_local": self.n_params_local,
+        }
+
+    def extra_metrics(self) -> dict[str, float]:
+        """Offload counters of this rank: bytes to host per step (mean over steps after the first two,
+        whose pools are still filling), bytes back per step, and the pinned host pool's size."""
+        if self.offloader is None:
+            return {}
+        steps = self.offload_steps[2:] or self.offload_steps
+        n = max(1, len(steps))
+        return {
+            "offload_bytes_per_step": sum(o for o, _ in steps) / n,
+            "offload_fetch_bytes_per_step": sum(i for _, i in steps) / n,
+            "offload_host_pinned_bytes": float(self.offloader.pinned_bytes),
         }
 
     @property

@@ -15,8 +15,10 @@ split model starts from the same weights as the whole one.
 
 from __future__ import annotations
 
+import itertools
 import math
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -75,13 +77,21 @@ class Attention(nn.Module):
         self.wk = nn.Linear(h, shape.kv_heads * hd, bias=bias)
         self.wv = nn.Linear(h, shape.kv_heads * hd, bias=bias)
         self.wo = nn.Linear(shape.n_heads * hd, h, bias=bias)
+        # context parallelism: (group, cp, cp rank) of the ring (charllm.train.context_parallel)
+        self.cp: tuple[Any, int, int] | None = None
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
-        b, s, _ = x.shape
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None, recompute_core: bool = False) -> torch.Tensor:
+        return self.core(self.wq(x), self.wk(x), self.wv(x), rope, recompute_core)
+
+    def core(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor | None, recompute_core: bool = False
+    ) -> torch.Tensor:
+        """Attention from the Q/K/V projections' outputs: RoPE, SDPA (recomputed if asked), output projection."""
+        b, s, _ = q.shape
         # -1: under tensor parallelism each rank holds n_heads/tp of the heads
-        q = self.wq(x).view(b, s, -1, self.head_dim)
-        k = self.wk(x).view(b, s, -1, self.head_dim)
-        v = self.wv(x).view(b, s, -1, self.head_dim)
+        q = q.view(b, s, -1, self.head_dim)
+        k = k.view(b, s, -1, self.head_dim)
+        v = v.view(b, s, -1, self.head_dim)
         if self.rope and rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -89,7 +99,16 @@ class Attention(nn.Module):
         if rep > 1:  # grouped-query attention: share each K/V head among `rep` query heads
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.cp is not None:
+            from charllm.train.context_parallel import ring_attention
+
+            out = ring_attention(q, k, v, *self.cp)
+        elif recompute_core:
+            from charllm.train.recompute import sdpa_recompute
+
+            out = sdpa_recompute(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -159,8 +178,20 @@ class Block(nn.Module):
         else:
             self.ff = MLP(shape.hidden, shape.ffn_hidden)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None, mode: str = "none") -> torch.Tensor:
+        """``mode``: none | selective (SDPA recomputed) | kwai (norms + MLP activation recomputed)."""
+        if mode == "kwai" and isinstance(self.ff, (GatedMLP, MLP)):
+            from charllm.train.recompute import act_linear, norm_linears
+
+            a = self.attn
+            q, k, v = norm_linears(x, self.norm1, [a.wq, a.wk, a.wv])
+            x = x + a.core(q, k, v, rope)
+            if isinstance(self.ff, GatedMLP):
+                g, u = norm_linears(x, self.norm2, [self.ff.w1, self.ff.w3])
+                return x + act_linear(g, u, self.ff.w2, "swiglu")
+            (h,) = norm_linears(x, self.norm2, [self.ff.fc1])
+            return x + act_linear(h, None, self.ff.fc2, "gelu")
+        x = x + self.attn(self.norm1(x), rope, recompute_core=mode == "selective")
         return x + self.ff(self.norm2(x))
 
 
@@ -179,13 +210,20 @@ class Transformer(nn.Module):
         layer_ids: range | None = None,
         first: bool = True,
         last: bool = True,
-        recompute: bool = False,
+        recompute: bool | str = False,
         autocast_dtype: torch.dtype | None = None,
+        recompute_layers: int = 0,
     ) -> None:
         super().__init__()
         layer_ids = range(shape.n_layers) if layer_ids is None else layer_ids
         self.shape, self.seq_len = shape, seq_len
-        self.first, self.last, self.recompute = first, last, recompute
+        mode = "full" if recompute is True else "none" if recompute is False else recompute
+        if mode not in ("none", "full", "selective", "kwai"):
+            raise ValueError(f"recompute must be none, full, selective or kwai; got {recompute!r}")
+        self.first, self.last, self.recompute = first, last, mode != "none"
+        self.recompute_mode, self.recompute_layers = mode, recompute_layers
+        self.offloader: Any = None  # charllm.train.offload.Offloader, set by the engine
+        self.positions: torch.Tensor | None = None  # context parallelism: this rank's token positions
         self.autocast_dtype = autocast_dtype
         vp = padded_vocab(shape.vocab_size)
         self.tok_emb = nn.Embedding(vp, shape.hidden) if first else None
@@ -205,17 +243,24 @@ class Transformer(nn.Module):
             else nullcontext()
         )
         with ctx:
+            pos = self.positions
+            rope = self.rope if pos is None or self.rope is None else self.rope[pos]
             if self.tok_emb is not None:
                 h = self.tok_emb(x)
                 if self.pos_emb is not None:
-                    h = h + self.pos_emb(torch.arange(x.shape[1], device=x.device))
+                    h = h + self.pos_emb(torch.arange(x.shape[1], device=x.device) if pos is None else pos)
             else:
                 h = x
-            for layer in self.layers.values():
-                if self.recompute and self.training:
-                    h = checkpoint(layer, h, self.rope, use_reentrant=False)
-                else:
-                    h = layer(h, self.rope)
+            off = self.offloader if self.training else None
+            with off.group() if off is not None else nullcontext():
+                for j, (idx, layer) in enumerate(self.layers.items()):
+                    mode = self.recompute_mode if self.training else "none"
+                    if self.recompute_layers and j >= self.recompute_layers:
+                        mode = "none"
+                    if off is not None:
+                        off.enter_block(int(idx))
+                    # full: torch.utils.checkpoint saves the block's inputs through the offload hooks too
+                    h = checkpoint(layer, h, rope, use_reentrant=False) if mode == "full" else layer(h, rope, mode)
             if self.norm is not None:
                 h = self.norm(h)
             if self.output is not None:
@@ -236,14 +281,23 @@ class Transformer(nn.Module):
             torch.manual_seed(base)
             for name, p in mod.named_parameters():
                 leaf = name.rsplit(".", 1)[-1]
+                # a sharded (DTensor) parameter is drawn whole and then split, so FSDP/TP layouts
+                # start from the same weights as one rank (DTensor's own RNG would differ)
+                full: Any = p
+                if _is_dtensor(p):
+                    full = torch.empty(p.shape, dtype=p.dtype, device=p.to_local().device)  # type: ignore[attr-defined]
                 if "norm" in name:
-                    nn.init.ones_(p) if leaf == "weight" else nn.init.zeros_(p)
+                    nn.init.ones_(full) if leaf == "weight" else nn.init.zeros_(full)
                 elif leaf == "bias":
-                    nn.init.zeros_(p)
+                    nn.init.zeros_(full)
                 elif name.endswith(("wo.weight", "fc2.weight", "w2.weight")):
-                    nn.init.normal_(p, 0.0, out_std)
+                    nn.init.normal_(full, 0.0, out_std)
                 else:
-                    nn.init.normal_(p, 0.0, std)
+                    nn.init.normal_(full, 0.0, std)
+                if full is not p:
+                    from torch.distributed.tensor import distribute_tensor
+
+                    p.copy_(distribute_tensor(full, p.device_mesh, p.placements))  # type: ignore[attr-defined]
 
         if self.tok_emb is not None:
             fill(self.tok_emb, seed * 1000 + 997)
@@ -259,6 +313,12 @@ class Transformer(nn.Module):
             self.rope.copy_(rope_table(self.seq_len, self.shape.head_dim, device=self.rope.device))
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross entropy in float32 (padded vocabulary rows never win: no targets there)."""
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
@@ -270,4 +330,4 @@ def split_layers(n_layers: int, pp: int, partition: str = "") -> list[range]:
     from charllm.capabilities import stage_starts
 
     starts = [*stage_starts(partition, n_layers, pp), n_layers]
-    return [range(a, b) for a, b in zip(starts, starts[1:], strict=False)]
+    return [range(a, b) for a, b in itertools.pairwise(starts)]

@@ -50,6 +50,23 @@ def software() -> dict[str, Any]:
     return out
 
 
+def gpu_topology(timeout_s: float = 20.0) -> dict[str, Any]:
+    """``nvidia-smi topo -m`` (the GPU/NIC link matrix: NV#, PIX, PHB, SYS...) as text, or why not."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return {"matrix": None, "error": "nvidia-smi not found"}
+    try:
+        p = subprocess.run([exe, "topo", "-m"], capture_output=True, text=True, timeout=timeout_s, check=False)
+    except (OSError, subprocess.SubprocessError) as err:
+        return {"matrix": None, "error": str(err)}
+    if p.returncode != 0:
+        return {"matrix": None, "error": (p.stderr or p.stdout).strip()[-500:]}
+    return {"matrix": p.stdout, "error": None}
+
+
 def placement(
     rank: int, local_rank: int, device: Any, gpu_identity: Mapping[str, Any], gpu_info: Mapping[str, Any]
 ) -> dict[str, Any]:

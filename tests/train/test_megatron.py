@@ -85,6 +85,7 @@ def test_tiny_gptmodel_builds_and_loss_falls_in_process() -> None:
     [
         ({"opt": {"recompute": True}}, "full (uniform, 1 layer per group)"),
         ({"opt": {"recompute": True, "recompute_granularity": "selective"}}, "selective (core_attn)"),
+        ({"opt": {"recompute": True, "recompute_layers": 1}}, "full (block, first 1 layers per stage)"),
     ],
 )
 def test_recompute_runs_on_cpu_and_changes_nothing_but_memory(over: dict[str, Any], recompute: str) -> None:
