@@ -4,7 +4,9 @@ Run under ``torchrun --nproc-per-node N`` (N = 1 or 2, gloo, fp32 on CPU). Every
 the tiny llama for :data:`STEPS` steps on the *same global batch* whatever N is: a
 :class:`Shards` source hands dp rank r (or, on one rank, micro batch r) row r of a fixed
 global batch, so one rank with two micro batches and two ranks with one each compute the same
-gradients. Writes ``{variant: [loss per step]}`` as JSON to argv[2] (rank 0).
+gradients. Writes ``{variant: {"losses": [loss per step], "offloaded": bytes}}`` as JSON to argv[2]
+(rank 0; ``offloaded``: activation bytes the offload hooks copied out on rank 0 over the steps,
+every saved tensor counting: the tiny model's are below the engine's 64 KiB floor).
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "zero3": ({"dp": 2}, {"zero": 3}),
     "zero3_cpu_offload": ({"dp": 2}, {"zero": 3, "cpu_offload": True}),
     "tp2_kwai_offload": ({"tp": 2}, {"recompute": True, "recompute_granularity": "kwai", "offload_alpha": 0.5}),
+    "pp2_1f1b_full_offload": ({"pp": 2}, {"recompute": True, "offload_alpha": 0.5}),
+    "pp2_gpipe_kwai_offload": (
+        {"pp": 2},
+        {"recompute": True, "recompute_granularity": "kwai", "offload_alpha": 1.0, "pp_schedule": "gpipe"},
+    ),
     "cp2": ({"cp": 2}, {}),
     "cp2_kwai_offload": ({"cp": 2}, {"recompute": True, "recompute_granularity": "kwai", "offload_alpha": 0.5}),
 }
@@ -49,6 +56,11 @@ class Shards:
         r = (index % self.accum) * self.dp + self.dp_rank
         return self.x[r : r + 1], self.y[r : r + 1]
 
+    def batch(self, step: int, n_micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's micro batches stacked (pipelining splits them again)."""
+        parts = [self.micro_batch(step * n_micro + m) for m in range(n_micro)]
+        return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
 
 def cell_dict(parallel: dict[str, Any], opt: dict[str, Any]) -> dict[str, Any]:
     par = {"tp": 1, "pp": 1, "dp": 1, "cp": 1, "ep": 1, "fsdp": False, **parallel}
@@ -60,8 +72,11 @@ def cell_dict(parallel: dict[str, Any], opt: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def run_variant(parallel: dict[str, Any], opt: dict[str, Any]) -> list[float]:
+def run_variant(parallel: dict[str, Any], opt: dict[str, Any]) -> tuple[list[float], int]:
+    from charllm.train import offload
     from charllm.train.cell import CellSpec
+
+    offload.MIN_BYTES = 0
     from charllm.train.engine_torch import TorchEngine
 
     cell = CellSpec.from_dict(cell_dict(parallel, opt))
@@ -75,19 +90,18 @@ def run_variant(parallel: dict[str, Any], opt: dict[str, Any]) -> list[float]:
         loss = eng.step(step)
         mean, _, _ = eng.reduce_step_stats(loss, 0.0, float("nan"))
         losses.append(mean)
-    return losses
+    return losses, sum(o for o, _ in eng.offload_steps)
 
 
 def main() -> None:
     world = int(sys.argv[1])
     dist.init_process_group("gloo")
     assert dist.get_world_size() == world
-    out: dict[str, list[float]] = {}
-    if world == 1:
-        out["ref"] = run_variant({}, {})
-    else:
-        for name, (par, opt) in VARIANTS.items():
-            out[name] = run_variant(par, opt)
+    out: dict[str, dict[str, Any]] = {}
+    runs = {"ref": ({}, {})} if world == 1 else VARIANTS
+    for name, (par, opt) in runs.items():
+        losses, offloaded = run_variant(par, opt)
+        out[name] = {"losses": losses, "offloaded": offloaded}
     if dist.get_rank() == 0:
         with open(sys.argv[2], "w") as f:
             json.dump(out, f)

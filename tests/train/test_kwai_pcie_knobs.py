@@ -68,7 +68,7 @@ def test_recompute_modes_match_none_and_offload_round_trips(family: str, monkeyp
             assert la == lm and all(torch.equal(ga[n], gm[n]) for n in gm), (mode, alpha)
 
 
-def _one_rank_reference(tmp_path: Path) -> list[float]:
+def _one_rank_reference(tmp_path: Path) -> tuple[list[float], int]:
     """The worker's reference (plain dp 1) in this process, over a one-rank gloo group."""
     import torch.distributed as dist
 
@@ -91,14 +91,16 @@ def test_zero_stages_and_context_parallel_match_one_rank(tmp_path: Path) -> None
     ]  # fmt: skip
     p = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
-    ref = _one_rank_reference(tmp_path)
-    two: dict[str, list[float]] = json.loads(out.read_text())
+    ref, _ = _one_rank_reference(tmp_path)
+    two: dict[str, dict[str, Any]] = json.loads(out.read_text())
     print(f"1 rank: {ref}")
     assert set(two) == set(knob_worker.VARIANTS)
-    for name, losses in two.items():
+    for name, run in two.items():
+        losses, offloaded = run["losses"], run["offloaded"]
         diff = abs(losses[-1] - ref[-1])
-        print(f"{name}: step-5 loss {losses[-1]:.7f} (1 rank {ref[-1]:.7f}, diff {diff:.1e})")
+        print(f"{name}: step-5 loss {losses[-1]:.7f} (1 rank {ref[-1]:.7f}, diff {diff:.1e}), offloaded {offloaded} B")
         assert diff < 1e-5, name
+        assert (offloaded > 0) == ("offload" in name and "cpu_offload" not in name), name
     assert ref[-1] < ref[0]  # it trains
 
 
