@@ -1,6 +1,6 @@
 """The PyTorch-native engine: one optimizer step per :meth:`TorchEngine.step`.
 
-Layout. Ranks form a (pp, dp, tp) device mesh, tp innermost (tensor parallelism within a
+Layout. Ranks form a (pp, dp, cp, tp) device mesh, tp innermost (tensor parallelism within a
 node), pp outermost. The model is built on the meta device, parallelised, then materialised
 with ``to_empty`` and initialised, so no rank ever holds more than its shard:
 
@@ -16,12 +16,22 @@ with ``to_empty`` and initialised, so no rank ever holds more than its shard:
   1F1B schedule whose micro batches are the cell's gradient-accumulation micro batches.
 - One GPU in bf16 (``opt.bf16_params``, on by default on CUDA): FSDP2 on the one-rank mesh,
   which holds bf16 compute copies of the fp32 weights, gathered once per optimizer step.
-- ``opt.recompute``: full activation recompute of every block (``torch.utils.checkpoint``).
+- CP (``parallel.cp``, with dp/fsdp/zero only): ring attention over the cp group with a
+  load-balanced causal split (:mod:`charllm.train.context_parallel`); gradients are synchronised
+  over the flattened dp x cp group.
+- ZeRO (``opt.zero``): 1 = DDP + ``ZeroRedundancyOptimizer`` (optimizer state sharded over
+  dp); 2 = FSDP2 keeping parameters gathered through the step; 3 = FSDP2 (as ``fsdp``);
+  ``opt.cpu_offload``: FSDP2 ``CPUOffloadPolicy`` (parameters, gradients and the AdamW step on the host).
+- ``opt.recompute``: ``full`` (``torch.utils.checkpoint`` per block), ``selective`` (the SDPA
+  call) or ``kwai`` (norms + MLP activation), for every block or the first
+  ``opt.recompute_layers`` of the stage (:mod:`charllm.train.recompute`).
+- ``opt.offload_alpha``: activation offload to pinned host memory (:mod:`charllm.train.offload`);
+  per step counters in :meth:`TorchEngine.extra_metrics`.
 - ``opt.compile``: ``torch.compile`` of each block in place (one graph, reused by all blocks).
 
 Gradient accumulation: ``global_batch / (micro_batch * dp)`` micro batches per step; gradient
 sync only after the last. bf16 runs under autocast with fp32 master weights; AdamW is fused
-on GPU. Context and expert parallelism are not implemented here (clear error).
+on GPU. Expert parallelism and virtual pipeline stages are not implemented here (clear error).
 """
 
 from __future__ import annotations
