@@ -125,7 +125,8 @@ class ProfileRow:
     time: float  # mean seconds of one instruction
     energy: float  # mean joules of one instruction
     count: int
-    window_s: float  # total seconds the mean is taken over
+    busy_s: float  # the instructions' summed duration
+    window_s: float  # first start to last end: the stretch of the counter the mean rests on
 
     @property
     def trusted(self) -> bool:
@@ -138,21 +139,22 @@ def stage_profile(
     """Aggregate ``(stage, frequency, instruction, energy)`` samples into profile rows.
 
     One row per (stage, instruction, frequency): mean time and energy of one instruction,
-    over ``count`` instructions whose durations add up to ``window_s``.
+    over ``count`` instructions (``busy_s`` in all) spread over ``window_s`` of the counter.
     """
     acc: dict[tuple[int, str, int], list[float]] = {}
     for stage, freq, ins, energy in samples:
         if ins.instruction not in INSTRUCTIONS:
             raise ValueError(f"unknown instruction {ins.instruction!r}; expected one of {INSTRUCTIONS}")
-        a = acc.setdefault((stage, ins.instruction, freq), [0.0, 0.0, 0.0])
+        a = acc.setdefault((stage, ins.instruction, freq), [0.0, 0.0, 0.0, ins.start, ins.end])
         a[0] += ins.duration
         a[1] += energy
         a[2] += 1
+        a[3], a[4] = min(a[3], ins.start), max(a[4], ins.end)
     out = []
-    for (stage, name, freq), (t, e, n) in sorted(
+    for (stage, name, freq), (t, e, n, first, last) in sorted(
         acc.items(), key=lambda kv: (kv[0][0], kv[0][1] != "forward", -kv[0][2])
     ):
-        out.append(ProfileRow(stage, name, freq, t / n, e / n, int(n), t))
+        out.append(ProfileRow(stage, name, freq, t / n, e / n, int(n), t, last - first))
     del min_window_s  # the threshold is applied by ProfileRow.trusted / write_stage_profile
     return out
 
@@ -180,6 +182,7 @@ def write_stage_profile(
                 "instruction": r.instruction,
                 "frequency": r.frequency,
                 "count": r.count,
+                "busy_s": r.busy_s,
                 "window_s": r.window_s,
             }
             for r in rows

@@ -13,7 +13,8 @@ instruction its energy and the gaps their idle energy. Checks, per stage window:
 - the stage's time per iteration (its forwards + backwards): CV < 2 %.
 
 Writes ``perseus-stage-profile.json`` (every number), ``stage_profile.csv`` (Zeus's schema at
-the current clock) and ``instructions-stage<s>.csv`` into ``--out``.
+the current clock), ``instructions-stage<s>.csv`` with ``instruction_steps-stage<s>.json`` (the
+timelines) and ``energy_series.csv`` (every counter sample) into ``--out``.
 
     python docs/gpu/perseus_stage_profile.py --out $OUT
 """
@@ -184,6 +185,8 @@ def run_stage(args: argparse.Namespace, s: int, counter: Counter | FakeCounter, 
     cv = statistics.pstdev(per_iter) / statistics.mean(per_iter)
     clock = counter.sm_clock()
     write_timeline(rec.rows, out / f"instructions-stage{s}.csv", energies)
+    steps = {"stage": s, "window": [t0, t1], "counter_at_ends_j": [e0, e1], "steps": rec.steps}
+    (out / f"instruction_steps-stage{s}.json").write_text(json.dumps(steps) + "\n")
     by: dict[str, list[float]] = {"forward": [], "backward": []}
     for r in rec.rows:
         by[r.instruction].append(r.duration)
@@ -258,6 +261,9 @@ def main() -> int:
     finally:
         counter.stop()
     write_stage_profile(stage_profile(samples), args.out / "stage_profile.csv")
+    with (args.out / "energy_series.csv").open("w") as fh:  # the raw counter samples, for replay tests
+        fh.write("unix_s,energy_total_j\n")
+        fh.writelines(f"{t!r},{e!r}\n" for t, e in zip(counter.times, counter.joules, strict=True))
     ok = all(abs(r["attributed_over_counter"] - 1) <= 0.03 and r["stage_time_cv"] < 0.02 for r in stages)
     summary = {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
