@@ -40,6 +40,7 @@ def _job_dir(tmp: Path) -> Path:
 def test_replay_recorded_h200_run(tmp_path: Path) -> None:
     out = _job_dir(tmp_path)
     rows, summary = run_profile(out, skip_steps=0)
+    assert [r["stage"] for r in summary] == [0, 1] and all(r["instructions"] > 500 for r in summary)
     for s in (0, 1):
         p = rank_profile(out, s, skip_steps=0)
         with (RUN / f"instructions-stage{s}.csv").open() as fh:
