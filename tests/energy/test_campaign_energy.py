@@ -130,3 +130,36 @@ def test_energy_plan_cli(include_tmp: Path, tmp_path: Path) -> None:
         for s, ins, _mb, f in p["plan"]:
             freqs.setdefault((s, ins), set()).add(f)
     assert all(f in {int(ln.split(",")[2]) for ln in lines[1:]} for fs in freqs.values() for f in fs)
+
+
+def test_denied_cell_is_recorded_skipped_and_not_rerun(charllm_home: Path, include_tmp: Path) -> None:
+    """Through the runner and the local backend: the job ends skipped, the catalog keeps it as a result."""
+    import time
+
+    from charllm.catalog import Catalog
+    from charllm.runner import CampaignRunner
+
+    p = campaign_files.write(include_tmp, GOOD.replace("  dp: [1, 2]\n", "  dp: [1]\n") + "  gpu_clock_mhz: [1200]\n")
+    runner = CampaignRunner.from_file(p, catalog=Catalog())
+    items = runner.plan("*")
+    assert len(items) == 2
+    item = items[0]
+    handle = runner.submit_or_reattach(item["cell_id"], 0, "r1").handle
+    deadline = time.monotonic() + 120
+    while True:
+        st = runner.backend.statuses([handle.job_id])[handle.job_id]
+        if st.state.is_terminal:
+            break
+        assert time.monotonic() < deadline, "job did not end"
+        time.sleep(0.2)
+    summary = runner.finish(handle, st)
+    print(summary)
+    assert summary["outcome"] == "skipped"
+    rows = runner.catalog.attempts(cell_id=item["cell_id"])
+    assert [r.outcome for r in rows] == ["skipped"] and len(rows) == 1
+    # a result: the next plan does not offer it again (never retried)
+    assert item["cell_id"] not in [i["cell_id"] for i in runner.plan("*")]
+    import pandas as pd
+
+    cells = pd.read_parquet(runner.aggregate()["cells_table"]).set_index("cell_id")
+    assert cells.loc[item["cell_id"], "outcome"] == "skipped"
