@@ -145,6 +145,7 @@ def test_denied_cell_is_recorded_skipped_and_not_rerun(charllm_home: Path, inclu
     assert len(items) == 2
     item = items[0]
     handle = runner.submit_or_reattach(item["cell_id"], 0, "r1").handle
+    assert handle is not None
     deadline = time.monotonic() + 120
     while True:
         st = runner.backend.statuses([handle.job_id])[handle.job_id]
