@@ -10,8 +10,9 @@ The last stage's loss is part of its forward (as in Merak). The step window is t
 schedule's ``step()``; ``busy`` (instructions) plus ``wait``
 (point-to-point posts and waits, host-timed) should cover it, which the tests check.
 
-Per rank it writes ``instructions-<rank>.csv`` (``step,micro_batch,instruction,start,end``)
-and ``instruction_steps-<rank>.json`` (each step's window, waits, stage and layers).
+Per rank it writes ``instructions-<rank>.csv`` (``step,micro_batch,instruction,start,end``),
+``instruction_steps-<rank>.json`` (each step's window, waits, stage) and, on a GPU, the rank's
+``stage_profile-<rank>.csv`` from its telemetry's energy counter (:mod:`.runprofile`).
 """
 
 from __future__ import annotations
@@ -185,10 +186,27 @@ class InstructionRecorder:
 
     # -- output --------------------------------------------------------------------------
     def write(self, out: Path, rank: int, extra: dict[str, Any] | None = None) -> tuple[Path, Path]:
+        """The timeline and step windows; on a GPU rank whose telemetry holds the energy counter,
+        also ``stage_profile-<rank>.csv`` (its stage's rows, the first step left out)."""
         timeline = out / f"instructions-{rank}.csv"
         write_timeline(self.rows, timeline)
         meta = out / f"instruction_steps-{rank}.json"
-        meta.write_text(json.dumps({"rank": rank, "stage": self.stage, **(extra or {}), "steps": self.steps}) + "\n")
+        info: dict[str, Any] = {"rank": rank, "stage": self.stage, **(extra or {}), "steps": self.steps}
+        meta.write_text(json.dumps(info) + "\n")
+        tele = out / "telemetry" / f"rank{rank}.parquet"
+        if self.cuda and tele.exists():
+            from charllm.energy.attribution import stage_profile, write_stage_profile
+            from charllm.energy.runprofile import rank_profile
+
+            try:
+                p = rank_profile(out, rank)
+                rows = stage_profile(
+                    (p["stage"], p["frequency"], r, e) for r, e in zip(p["rows"], p["energies"], strict=True)
+                )
+                write_stage_profile(rows, out / f"stage_profile-{rank}.csv")
+            except (ValueError, KeyError, OSError, ImportError) as err:  # no counter on this GPU, too few steps
+                info["stage_profile_error"] = str(err)
+                meta.write_text(json.dumps(info) + "\n")
         return timeline, meta
 
 

@@ -58,3 +58,22 @@ def test_replay_recorded_h200_run(tmp_path: Path) -> None:
         assert (r.time, r.energy) == pytest.approx((t, e), rel=1e-12)
         assert r.trusted and r.window_s >= 10.0  # each row rests on >= 10 s of the counter
     print([(r.stage, r.instruction, r.count, round(r.busy_s, 2), round(r.window_s, 2)) for r in rows])
+
+
+def test_gpu_rank_writes_its_stage_profile(tmp_path: Path) -> None:
+    """The recorder of a GPU rank writes stage_profile-<rank>.csv beside its timeline (replayed rank 0)."""
+    from charllm.energy.attribution import read_timeline
+    from charllm.energy.recorder import InstructionRecorder
+
+    out = _job_dir(tmp_path)
+    rec = InstructionRecorder("cpu", 0)
+    rec.cuda = True  # what a CUDA rank does at write time (its events are already resolved to rows)
+    rec.rows = read_timeline(out / "instructions-0.csv")
+    rec.steps = json.loads((out / "instruction_steps-0.json").read_text())["steps"]
+    rec.write(out, 0)
+    got = read_stage_profile(out / "stage_profile-0.csv")
+    print(got)
+    assert set(got) == {(0, "forward"), (0, "backward")} and set(got[(0, "forward")]) == {1980}
+    # the first step is left out as the job's warm-up: close to, not equal to, the whole run's row
+    want = read_stage_profile(RUN / "stage_profile.csv")[(0, "backward")][1980]
+    assert got[(0, "backward")][1980] == pytest.approx(want, rel=0.02)
