@@ -208,7 +208,7 @@ def test_submit_stages_files_and_is_idempotent(tmp_path: Path) -> None:
 def test_submit_reattaches_when_the_connection_breaks_after_sbatch(tmp_path: Path) -> None:
     b = make(tmp_path)
     real = shell(b).sync
-    broke = []
+    broke: list[str] = []
 
     def breaks_after_sbatch(line: str) -> tuple[int, str, str]:
         res = real(line)
