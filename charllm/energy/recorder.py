@@ -6,7 +6,8 @@ point-to-point waits. On a GPU each instruction is bracketed by CUDA events and 
 host (unix) seconds against a reference event recorded right after a synchronize at the start
 of the step, so the timeline lines up with the NVML energy counter sampled by the telemetry
 thread (``energy_total_j`` at ``unix_s``); on CPU the host clock is read around each call.
-The last stage's loss is part of its forward (as in Merak). The step window is the
+The last stage's loss is part of its forward (as in Merak); the stage's gradient scaling after
+its last backward is recorded apart (``reduce``, host-timed). The step window is the
 schedule's ``step()``; ``busy`` (instructions) plus ``wait``
 (point-to-point posts and waits, host-timed) should cover it, which the tests check.
 
@@ -37,6 +38,7 @@ class InstructionRecorder:
         self._step = -1
         self._pending: list[tuple[int, int, str, Any, Any]] = []
         self._waits: list[tuple[float, float]] = []
+        self._reduce: list[tuple[float, float]] = []
         self._ref: Any = None
         self._ref_host = 0.0
         self._t0 = 0.0
@@ -64,6 +66,7 @@ class InstructionRecorder:
     def begin_step(self, step: int) -> None:
         self._step = step
         self._waits = []
+        self._reduce = []
         if self.cuda:
             import torch
 
@@ -88,7 +91,9 @@ class InstructionRecorder:
             self._pending.clear()
         else:
             t1 = self.clock()
-        self.steps.append({"step": self._step, "start": self._t0, "end": t1, "waits": list(self._waits)})
+        self.steps.append(
+            {"step": self._step, "start": self._t0, "end": t1, "waits": list(self._waits), "reduce": list(self._reduce)}
+        )
 
     def _extend_last_forward(self) -> None:
         """Stretch the latest forward to now (the last stage computes its loss right after it)."""
@@ -119,6 +124,17 @@ class InstructionRecorder:
 
         stage.forward_one_chunk = forward_one_chunk
         stage.backward_one_chunk = backward_one_chunk
+        reduce = getattr(stage, "perform_reduce_grad", None)
+        if reduce is not None:
+
+            def perform_reduce_grad(*args: Any, **kwargs: Any) -> Any:  # gradient scaling after the last backward
+                t0 = self.clock()
+                try:
+                    return reduce(*args, **kwargs)
+                finally:
+                    self._reduce.append((t0, self.clock()))
+
+            stage.perform_reduce_grad = perform_reduce_grad
 
     @contextlib.contextmanager
     def timing_waits(self) -> Iterator[None]:
