@@ -147,7 +147,7 @@ MEGATRON_CPU_LIMITS: Mapping[str, str] = _frozen({})
 
 TORCH = EngineCaps(
     name="torch",
-    parallel=frozenset({"tp", "pp", "cp", "dp", "fsdp"}),
+    parallel=frozenset({"tp", "pp", "pp_virtual", "cp", "dp", "fsdp"}),
     families=frozenset({"gpt3", "llama3", "mixtral"}),
     recompute=frozenset({"none", "full", "selective", "kwai"}),
     knobs=frozenset(
@@ -169,8 +169,6 @@ TORCH = EngineCaps(
     lacks=_frozen(
         {
             "ep": "the torch engine replicates experts across dp ranks: use ep = 1, or engine: megatron",
-            "pp_virtual": "the torch engine's pipeline schedules (GPipe, 1F1B) have no virtual stages; "
-            "use engine: megatron",
         }
     ),
     combos=(
@@ -190,6 +188,7 @@ TORCH = EngineCaps(
         (frozenset({"cpu_offload", "pp"}), "FSDP2's CPU offload is not combined with pipelining here"),
         (frozenset({"cpu_offload", "tp"}), "FSDP2's CPU offload is not combined with tensor parallelism here"),
         (frozenset({"cp", "tp"}), "the torch engine's ring attention runs with dp/fsdp/zero only (no tp)"),
+        (frozenset({"pp_virtual", "pp_partition"}), "virtual stages split the layers evenly (no custom partition)"),
         (frozenset({"cp", "pp"}), "the torch engine's ring attention runs with dp/fsdp/zero only (no pp)"),
         (
             frozenset({"profile:layers", "pp"}),
@@ -203,7 +202,8 @@ TORCH = EngineCaps(
             "tp": "parallelize_module per block (Megatron's colwise/rowwise split), no sequence parallelism",
             "cp": "ring attention over the cp group (load-balanced causal split: rank r holds chunks r and "
             "2cp-1-r), blocks merged by log-sum-exp; gradients averaged over dp x cp",
-            "pp": "torch.distributed.pipelining, GPipe or 1F1B (opt.pp_schedule)",
+            "pp": "torch.distributed.pipelining, GPipe or 1F1B (opt.pp_schedule); ScheduleInterleaved1F1B with "
+            "pp_virtual > 1 (rank r holds stages r, r + pp, ...)",
             "dp": "DistributedDataParallel with overlap; otherwise an all-reduce after backward",
             "fsdp": "FSDP2 fully_shard per block over dp (2-D with tp)",
             "overlap": "DDP's bucketed all-reduce overlaps backward (plain DDP: dp > 1, tp = pp = 1, no fsdp); "
@@ -605,6 +605,8 @@ def _engine(v: CellView) -> list[Refusal]:
             f"engine {caps.name!r} runs tp with sequence parallelism: sequence length {v.seq_len} "
             f"must be divisible by tp {v.tp}",
         )
+    if v.pp_virtual > 1 and "pp_virtual" in caps.parallel and v.pp_schedule == "gpipe":
+        no("pp_schedule", f"engine {caps.name!r} runs virtual pipeline stages with interleaved 1F1B only (not gpipe)")
     if v.cp > 1 and "cp" in caps.parallel and v.seq_len % (v.cp * caps.cp_chunks_per_rank):
         no(
             "seq_len",
@@ -777,6 +779,8 @@ def torch_recompute_words(mode: str, layers: int = 0) -> str:
 
 def _torch_settings(v: CellView) -> dict[str, str]:
     out = {"tp": str(v.tp), "pp": f"{v.pp}, {v.pp_schedule}" if v.pp > 1 else "1"}
+    if v.pp_virtual > 1:
+        out["pp"] = f"{v.pp}, interleaved 1F1B with {v.pp_virtual} virtual stages"
     if v.cp > 1:
         out["cp"] = f"{v.cp}, ring attention (load-balanced causal split)"
     plain_ddp = v.dp > 1 and v.tp == 1 and v.pp == 1 and not v.fsdp

@@ -60,7 +60,9 @@ def test_megatron_target_capabilities() -> None:
 def test_torch_capabilities() -> None:
     assert TORCH.supports("compile") and TORCH.supports("fsdp") and TORCH.supports("recompute:full")
     assert TORCH.supports("recompute:selective") and TORCH.supports("recompute:kwai")
-    assert not TORCH.supports("pp_virtual")
+    assert TORCH.supports("pp_virtual")  # ScheduleInterleaved1F1B, 1F1B only
+    vs = _view(engine="torch", pp=2, pp_virtual=2, global_batch=4)
+    assert refusals(vs) == [] and _fields(replace(vs, pp_schedule="gpipe")) == [("pp_schedule", "engine")]
     v = _view(engine="torch", tp=2, pp=2, dp=2, fsdp=True, compile=True, recompute="full", overlap=True)
     assert refusals(v) == []
     assert refusals(replace(v, recompute="selective")) == []

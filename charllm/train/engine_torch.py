@@ -13,7 +13,9 @@ with ``to_empty`` and initialised, so no rank ever holds more than its shard:
   Megatron's default) and with TP/PP, gradients are all-reduced over dp after backward in
   flat buckets, not overlapped.
 - PP: ``torch.distributed.pipelining`` with a ``PipelineStage`` per rank and a GPipe or
-  1F1B schedule whose micro batches are the cell's gradient-accumulation micro batches.
+  1F1B schedule whose micro batches are the cell's gradient-accumulation micro batches; with
+  ``parallel.pp_virtual`` = v > 1, v stages per rank (rank r holds stages r, r + pp, ...) under
+  ``ScheduleInterleaved1F1B``.
 - One GPU in bf16 (``opt.bf16_params``, on by default on CUDA): FSDP2 on the one-rank mesh,
   which holds bf16 compute copies of the fp32 weights, gathered once per optimizer step.
 - CP (``parallel.cp``, with dp/fsdp/zero only): ring attention over the cp group with a
@@ -31,7 +33,7 @@ with ``to_empty`` and initialised, so no rank ever holds more than its shard:
 
 Gradient accumulation: ``global_batch / (micro_batch * dp)`` micro batches per step; gradient
 sync only after the last. bf16 runs under autocast with fp32 master weights; AdamW is fused
-on GPU. Expert parallelism and virtual pipeline stages are not implemented here (clear error).
+on GPU. Expert parallelism is not implemented here (clear error).
 """
 
 from __future__ import annotations
@@ -157,28 +159,37 @@ class TorchEngine:
         self.last = self.pp_rank == p.pp - 1
         autocast = torch.bfloat16 if cell.precision == "bf16" else None
         self.attn_backend = select_attention_backend(cell.opt.attn_backend, device)
-        layers = split_layers(cell.model.n_layers, p.pp, p.pp_partition)[self.pp_rank]
-
-        with torch.device("meta"):
-            model = Transformer(
-                cell.model,
-                cell.seq_len,
-                layers,
-                first=self.first,
-                last=self.last,
-                recompute=cell.opt.recompute_granularity if cell.opt.recompute else "none",
-                autocast_dtype=autocast,
-                recompute_layers=cell.opt.recompute_layers,
-            )
+        # virtual stages (interleaved 1F1B): pipeline rank r holds stages r, r + pp, r + 2 pp, ...
+        vp = p.pp_virtual
+        self.n_stages = p.pp * vp
+        self.stage_ids = [self.pp_rank + k * p.pp for k in range(vp)]
+        ranges = split_layers(cell.model.n_layers, self.n_stages, p.pp_partition if vp == 1 else "")
+        chunks: list[Transformer] = []
+        for sid in self.stage_ids:
+            with torch.device("meta"):
+                chunks.append(
+                    Transformer(
+                        cell.model,
+                        cell.seq_len,
+                        ranges[sid],
+                        first=sid == 0,
+                        last=sid == self.n_stages - 1,
+                        recompute=cell.opt.recompute_granularity if cell.opt.recompute else "none",
+                        autocast_dtype=autocast,
+                        recompute_layers=cell.opt.recompute_layers,
+                    )
+                )
+        model = chunks[0]
+        blocks = [block for chunk in chunks for block in chunk.layers.values()]
         if p.tp > 1:
             from torch.distributed.tensor.parallel import parallelize_module
 
             plan = tp_plan(model)
-            for block in model.layers.values():
+            for block in blocks:
                 parallelize_module(block, self.mesh["tp"], plan)
         self.loss_fn: Any = loss_fn
         if cell.opt.compile:
-            for block in model.layers.values():
+            for block in blocks:
                 block.compile(mode=cell.opt.compile_mode)
             if cell.opt.compile_loss and self.last:
                 # fuses the float32 upcast of the logits with log-softmax and its backward
@@ -216,18 +227,21 @@ class TorchEngine:
                 kw["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
             # with pipelining, or when asked, keep params gathered across micro batches
             reshard = p.pp == 1 and not self.keep_gathered
-            for block in model.layers.values():
+            for block in blocks:
                 fully_shard(block, reshard_after_forward=reshard, **kw)
-            fully_shard(model, reshard_after_forward=reshard, **kw)
-        # CPU offload: FSDP2 keeps the sharded parameters (and the optimizer step) on the host
-        model.to_empty(device="cpu" if self.cpu_offload else device)
-        model.init_weights(cell.seed)
-        if self.cpu_offload:
-            for mod in model.modules():
-                for name, buf in list(mod._buffers.items()):
-                    if buf is not None:
-                        mod._buffers[name] = buf.to(device)
-        model.train()
+            for chunk in chunks:
+                fully_shard(chunk, reshard_after_forward=reshard, **kw)
+        for chunk in chunks:
+            # CPU offload: FSDP2 keeps the sharded parameters (and the optimizer step) on the host
+            chunk.to_empty(device="cpu" if self.cpu_offload else device)
+            chunk.init_weights(cell.seed)
+            if self.cpu_offload:
+                for mod in chunk.modules():
+                    for name, buf in list(mod._buffers.items()):
+                        if buf is not None:
+                            mod._buffers[name] = buf.to(device)
+            chunk.train()
+        self.chunks = chunks
         if p.cp > 1:
             from charllm.train.context_parallel import local_positions
 
@@ -240,8 +254,9 @@ class TorchEngine:
             from charllm.train.offload import Offloader
 
             self.offloader = Offloader(cell.opt.offload_alpha, device)
-            self.offloader.register_buffers(model)
-            model.offloader = self.offloader
+            for chunk in chunks:  # one offloader per rank: each chunk's forward is its own group
+                self.offloader.register_buffers(chunk)
+                chunk.offloader = self.offloader
         self.offload_steps: list[tuple[int, int]] = []
         self.model: nn.Module = model
         self.stage_model = model
@@ -263,7 +278,7 @@ class TorchEngine:
         elif self.sync_size > 1:
             self.grad_sync = "allreduce-after-backward"
 
-        params = [q for q in model.parameters() if q.requires_grad]
+        params = [q for chunk in chunks for q in chunk.parameters() if q.requires_grad]
         self.params = params
         # Fused/foreach AdamW steps each group in one call, which must not mix DTensor (TP
         # shards) with plain tensors (replicated norms, embeddings): one group per kind.
@@ -296,11 +311,23 @@ class TorchEngine:
         self.data = token_source(cell, self.dp_rank, device)
         self.schedule: Any = None
         if p.pp > 1:
-            from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+            from torch.distributed.pipelining import (
+                PipelineStage,
+                Schedule1F1B,
+                ScheduleGPipe,
+                ScheduleInterleaved1F1B,
+            )
 
-            stage = PipelineStage(model, self.pp_rank, p.pp, device, group=self.mesh["pp"].get_group())
-            cls = ScheduleGPipe if cell.opt.pp_schedule == "gpipe" else Schedule1F1B
-            self.schedule = cls(stage, n_microbatches=self.accum, loss_fn=self.loss_fn)
+            group = self.mesh["pp"].get_group()
+            stages: list[Any] = [
+                PipelineStage(chunk, sid, self.n_stages, device, group=group)
+                for chunk, sid in zip(chunks, self.stage_ids, strict=True)
+            ]
+            if vp > 1:
+                self.schedule = ScheduleInterleaved1F1B(stages, n_microbatches=self.accum, loss_fn=self.loss_fn)
+            else:
+                cls = ScheduleGPipe if cell.opt.pp_schedule == "gpipe" else Schedule1F1B
+                self.schedule = cls(stages[0], n_microbatches=self.accum, loss_fn=self.loss_fn)
         # the rank whose loss is reported for its dp shard: last pipeline stage, tp rank 0
         self.reports_loss = self.last and self.tp_rank == 0
         self.n_params_local = sum(q.numel() for q in params)
@@ -368,7 +395,7 @@ class TorchEngine:
         p = self.cell.parallel
         return {
             "engine": "torch",
-            "mesh": {"pp": p.pp, "dp": p.dp, "cp": p.cp, "tp": p.tp},
+            "mesh": {"pp": p.pp, "dp": p.dp, "cp": p.cp, "tp": p.tp, "vp": p.pp_virtual},
             "coords": {"pp": self.pp_rank, "dp": self.dp_rank, "cp": self.cp_rank, "tp": self.tp_rank},
             "grad_sync": self.grad_sync,
             "grad_accum": self.accum,

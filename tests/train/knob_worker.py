@@ -21,7 +21,7 @@ import torch.distributed as dist
 STEPS = 5
 SEQ = 32
 TINY_LLAMA = {
-    "name": "tiny-llama", "family": "llama3", "n_layers": 2, "hidden": 64, "n_heads": 4, "ffn_hidden": 192,
+    "name": "tiny-llama", "family": "llama3", "n_layers": 4, "hidden": 64, "n_heads": 4, "ffn_hidden": 192,
     "vocab_size": 512, "n_kv_heads": 2, "num_experts": 0, "top_k": 0, "max_seq_len": 256,
 }  # fmt: skip
 
@@ -37,6 +37,10 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "pp2_gpipe_kwai_offload": (
         {"pp": 2},
         {"recompute": True, "recompute_granularity": "kwai", "offload_alpha": 1.0, "pp_schedule": "gpipe"},
+    ),
+    "pp2_vp2_kwai_offload": (
+        {"pp": 2, "pp_virtual": 2},
+        {"recompute": True, "recompute_granularity": "kwai", "offload_alpha": 0.5},
     ),
     "cp2": ({"cp": 2}, {}),
     "cp2_kwai_offload": ({"cp": 2}, {"recompute": True, "recompute_granularity": "kwai", "offload_alpha": 0.5}),

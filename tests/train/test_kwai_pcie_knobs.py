@@ -2,9 +2,11 @@
 
 - recompute ``selective`` / ``kwai`` / ``full`` give the gradients of ``none`` (1e-5), and the
   activation offload (saved-tensor hooks) round-trips bit for bit, in every mode;
-- ZeRO 1/2/3 and ZeRO-3 + CPU offload on 2 gloo ranks, and context parallelism (cp 2, ring
-  attention; also with kwai + offload), reach 1 rank's losses at step 5 on the same global batch
-  (ZeRO: 1e-5; CP: 1e-5 as well, the ring's log-sum-exp merge reorders float sums only);
+- ZeRO 1/2/3 and ZeRO-3 + CPU offload on 2 gloo ranks, tp 2 with kwai + offload, pp 2 with
+  offload (1F1B full, GPipe kwai, interleaved 1F1B with 2 virtual stages), and context
+  parallelism (cp 2, ring attention; also with kwai + offload) reach 1 rank's losses at step 5
+  on the same global batch within 1e-5 (CP too: the ring's log-sum-exp merge reorders float
+  sums only; measured differences <= 1e-6);
 - the job writes the offload counters into result.json and honours ``interconnect: pcie``;
 - campaigns: the knobs at their defaults keep every cell id, bad values name file and field,
   and the capability table refuses what an engine lacks.
