@@ -35,7 +35,7 @@ airflow-init: $(STAMP)
 
 ## The main job: the demo campaign through Airflow on the local backend (SQLite metadata).
 demo: airflow-init
-	$(ENV) PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m charllm.demo
+	$(ENV) PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/charllm demo
 
 ## The whole test suite (starts PostgreSQL and the Slurm dev cluster when it can).
 test: $(DEV_STAMP)

@@ -185,6 +185,12 @@ def cmd_figures(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from charllm.orchestrate.demo import main as demo_main  # imports Airflow: only here
+
+    return demo_main([args.campaign])
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="charllm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -218,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     tables_cli.register(sub)
     search_cli.register(sub)
     energy_cli.register(sub)
+    p = sub.add_parser("demo", help="the demo campaign through Airflow (needs scripts/airflow-env.sh; make demo)")
+    p.add_argument("campaign", nargs="?", default="demo")
+    p.set_defaults(fn=cmd_demo)
     return ap
 
 

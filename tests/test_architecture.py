@@ -14,8 +14,8 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "charllm"
 NO_AIRFLOW = ("charllm.train", "charllm.telemetry", "charllm.analysis", "charllm.backends", "charllm.setup")
-# the orchestration layer; the SSH transport's connection lookup; the demo, which starts Airflow itself
-AIRFLOW_ALLOWED = ("charllm.orchestrate", "charllm.transport.ssh", "charllm.demo")
+# the orchestration layer; the SSH transport's connection lookup
+AIRFLOW_ALLOWED = ("charllm.orchestrate", "charllm.transport.ssh")
 
 
 def _modules() -> dict[str, Path]:

@@ -131,7 +131,7 @@ def ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UIServer]:
     os.environ["CHARLLM_HOME"] = str(home)  # seed_recorded and campaign lookups use the prepared home
     try:
         prepared = prepare_demo(home, run_id)
-        from charllm.demo import seed_recorded
+        from charllm.orchestrate.demo import seed_recorded
 
         prepared["recorded"] = seed_recorded(home)
     finally:

@@ -1,4 +1,4 @@
-"""`make demo`: run the demo campaign through Airflow (``airflow dags test``) and report.
+"""``charllm demo`` (what ``make demo`` runs): the demo campaign through Airflow (``airflow dags test``), and a report.
 
 Expects the environment of ``scripts/airflow-env.sh`` (SQLite metadata, the repo's
 dags/ folder). Runs the campaign, then one more run the way a nightly one re-measures (new
@@ -21,7 +21,7 @@ from charllm.orchestrate.factory import dag_id_for
 from charllm.paths import home
 
 CAMPAIGN = "demo"
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 RECORDED = REPO / "docs" / "gpu" / "small-campaign"
 RECORDED_RUN = "recorded-h100-2026-11-22"
 RECORDED_NOTE = (
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     with log_path.open("w") as log:
         rc = subprocess.run(
-            [sys.executable, "-m", "charllm.demo", "--run-dags", campaign],
+            [sys.executable, "-m", "charllm.orchestrate.demo", "--run-dags", campaign],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=os.environ.copy(),
