@@ -11,7 +11,7 @@ and writes with :mod:`charllm.analysis.figures_kwai`:
   and ours, max memory): ``none`` at alpha 0 from the sweep, ``full`` and ``kwai`` from the
   comparison runs (median step after the first three);
 - ``sweep_table.{csv,md}``: every swept cell (memory, offloaded GiB per step, PCIe TX over
-  offloaded bytes);
+  offloaded bytes where the 32-bit counter's reading is unambiguous, tokens/s of its 2nd step);
 - ``numbers.json``: the numbers quoted in ``README.md``.
 
 Usage: ``python benchmarks/kwai_figures.py --run RUN_DIR_OR_TGZ --cells docs/gpu/kwai-remat-1gpu/cells.json --out docs/kwai``
@@ -78,6 +78,21 @@ def _perf(info: dict[str, Any], step_s: list[float], skip: int) -> dict[str, flo
     }
 
 
+def _tx_ratio(r: dict[str, Any]) -> float | None:
+    """PCIe TX bytes over offloaded bytes in the cell's last step, where the reading is unambiguous.
+
+    NVML's PCIe byte counters are 32-bit: a per-step delta is known modulo 2^32, so it is
+    unwrapped only for steps that offloaded less than 2^32 B (the ``full`` cells); None otherwise.
+    """
+    off, pcie = r.get("offload") or [], r.get("pcie") or []
+    if not off or not pcie:
+        return None
+    out, tx = float(off[-1][0]), float(pcie[-1][0])
+    if not 0 < out < 2**32:
+        return None
+    return (tx % 2**32) / out
+
+
 def sweep_summary(rows: list[dict[str, Any]], info: dict[str, dict[str, Any]]) -> pd.DataFrame:
     recs = []
     for r in rows:
@@ -97,8 +112,9 @@ def sweep_summary(rows: list[dict[str, Any]], info: dict[str, dict[str, Any]]) -
             off = r.get("offload") or []
             if off:
                 rec["offload_bytes_per_step"] = float(off[-1][0])
-            rec["pcie_tx_over_offload"] = r.get("pcie_tx_over_offload")
+            rec["pcie_tx_over_offload"] = _tx_ratio(r)
             rec.update(_perf(i, r.get("step_s") or [], 1))
+            rec["source"] = "sweep: the 2nd of 2 steps"
         recs.append(rec)
     return pd.DataFrame(recs)
 
@@ -128,6 +144,7 @@ def compare_summary(
             "max_memory_allocated_step2_bytes": float(r["max_memory_allocated_bytes"]),
             "loss_last": float(r["losses"][-1]),
             **_perf(i, r["step_s"], 3),
+            "source": "compare: median of steps 4-20",
         }
         recs.append(rec)
         extra[key] = {"losses": r["losses"], "cell": r["cell"]}

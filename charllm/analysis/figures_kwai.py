@@ -222,6 +222,7 @@ def kwai_table(summary: pd.DataFrame) -> pd.DataFrame:
                 "offload_gib_per_step": num("offload_bytes_per_step", 1 / GIB),
                 "loss_last": num("loss_last"),
                 "cell_name": r.get("cell_name"),
+                **({"source": r.get("source")} if "source" in s else {}),
             }
         )
     t = pd.DataFrame(rows)
