@@ -28,9 +28,7 @@ log = logging.getLogger(__name__)
 DAG_PREFIX = "charllm_"
 FIGURES_SUFFIX = "_figures"
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}\Z")
-RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+-]{0,249}\Z")
 FIGURE_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}\.(?:png|pdf|csv|md)\Z")
-CELL_ID = re.compile(r"[0-9a-f]{8,64}\Z")
 FILE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,199}\Z")
 
 # the matrix's outcome classes, in the order of the legend
@@ -489,10 +487,6 @@ class FigureRun:
         stems = [f[:-4] for f in self.files if f.endswith(".png")]
         rank = {s: i for i, s in enumerate(FIGURE_ORDER)}
         return sorted(stems, key=lambda s: (rank.get(s, len(rank)), s))
-
-    @property
-    def has_report(self) -> bool:
-        return "report.md" in self.files
 
     @property
     def recorded(self) -> bool:
