@@ -253,6 +253,57 @@ def scaling_table(cells: pd.DataFrame, by: Sequence[str] = ()) -> pd.DataFrame:
     return table.sort_values(["model", "num_devices", "strategy", "cell_name"], kind="stable").reset_index(drop=True)
 
 
+#: the study's strategy names -> the parallel degree that is N (single_gpu: all 1)
+_STUDY_DEGREE = {
+    "megatron_ddp": "dp",
+    "tensor_parallel": "tp",
+    "megatron_pipeline_parallel": "pp",
+    "simple_zero_stage1": "dp",
+    "simple_zero_stage2": "dp",
+    "simple_zero_stage3": "dp",
+    "simple_zero_stage3_offload": "dp",
+}
+
+
+def study_as_cells(raw: pd.DataFrame, model_prefix: str = "pcie-") -> pd.DataFrame:
+    """The PCIe study's published rows as a charllm cells table (one measured 'step' = its whole run).
+
+    Lets :func:`scaling_table` and the figures run on the study's own numbers, e.g. to draw them
+    beside a campaign's. Model ``10m`` becomes ``pcie-10m`` (the catalog's shape), the ZeRO file's
+    ``zero-10m`` ``pcie-zero-10m`` (the study measured ZeRO against its own 1-GPU runs of a plain
+    PyTorch model); ZeRO stages and CPU offload become ``zero`` / ``cpu_offload``.
+    """
+    mib = MIB
+    rows = []
+    for _, r in raw.iterrows():
+        n, strat = int(r["num_devices"]), str(r["strategy"])
+        par = {"tp": 1, "pp": 1, "dp": 1}
+        if strat in _STUDY_DEGREE:
+            par[_STUDY_DEGREE[strat]] = n
+        zero = int(strat[len("simple_zero_stage")]) if strat.startswith("simple_zero_stage") else 0
+        rows.append(
+            {
+                "cell_id": f"{r['model_size']}-{strat}-{n}",
+                "cell_name": f"{r['model_size']}-{strat}-{n}",
+                "model": f"{model_prefix}{r['model_size']}",
+                "repeat": 0,
+                "outcome": "ok",
+                "world_size": n,
+                **par,
+                "zero": zero,
+                "cpu_offload": strat.endswith("_offload"),
+                "tokens_per_step": float(r["total_tokens"]),
+                "measured_steps": 1.0,
+                "step_time_median_s": float(r["total_time_sec"]),
+                "max_memory_allocated_bytes": float(r["peak_gpu_mem_mb"]) * mib,
+                "max_memory_allocated_mean_bytes": float(r["avg_gpu_mem_mb"]) * mib,
+                "max_memory_allocated_total_bytes": float(r["total_gpu_mem_mb"]) * mib,
+                "avg_gpu_util_pct": float(r["avg_gpu_util_percent"]),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def write_scaling(table: pd.DataFrame, out_dir: Path, stem: str = "scaling") -> tuple[Path, Path]:
     """``stem``.parquet and ``stem``.csv under ``out_dir`` (each written whole, then renamed)."""
     from charllm.analysis.aggregate import write_parquet

@@ -17,10 +17,12 @@ import pandas as pd
 import pytest
 
 from charllm.analysis import figures_kwai as fk
-from charllm.analysis.scaling import DERIVED_COLUMNS, scaling_table
+from charllm.analysis.scaling import DERIVED_COLUMNS, scaling_table, study_as_cells
 from charllm.modelcat import get
 from charllm.train.flops import causal_model_flops_per_token, model_flops_per_token
 
+STUDY_MEGATRON = "single-tp-dpp-pp-experiment-results.csv"
+STUDY_ZERO = "simple-single-and-zero-experiment-results.csv"
 ALPHAS = [i / 10 for i in range(11)]
 FIG7_OURS = [65330982400, 62128631296, 58907405824, 55554059776, 52089073152, 48604098048,
              45722611200, 42832735744, 38925740032, 36144916480, 32462145024]  # fmt: skip
@@ -99,49 +101,24 @@ def test_kwai_table_from_the_published_demo(tmp_path: Path) -> None:
     assert "| OOM |" in md and "1.25x" in md
 
 
-def _pcie_cells() -> pd.DataFrame:
+def _pcie_cells(name: str = STUDY_MEGATRON) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The PCIe study's raw rows as cells of a campaign (one measured 'step' = the whole run)."""
-    d = Path(__file__).resolve().parents[1] / "data" / "pcie-strategies" / "single-tp-dpp-pp-experiment-results.csv"
-    raw = pd.read_csv(d)
-    deg = {"megatron_ddp": "dp", "tensor_parallel": "tp", "megatron_pipeline_parallel": "pp"}
-    rows = []
-    for _, r in raw.iterrows():
-        n = int(r["num_devices"])
-        par = {"tp": 1, "pp": 1, "dp": 1}
-        if r["strategy"] in deg:
-            par[deg[r["strategy"]]] = n
-        mib = float(1 << 20)
-        rows.append(
-            {
-                "cell_name": f"{r['model_size']}-{r['strategy']}-{n}",
-                "model": f"pcie-{r['model_size']}",
-                "repeat": 0,
-                "outcome": "ok",
-                "world_size": n,
-                **par,
-                "seq_len": 1024,
-                "gpu_type": "a6000",
-                "tokens_per_step": float(r["total_tokens"]),
-                "measured_steps": 1.0,
-                "step_time_median_s": float(r["total_time_sec"]),
-                "max_memory_allocated_bytes": float(r["peak_gpu_mem_mb"]) * mib,
-                "max_memory_allocated_mean_bytes": float(r["avg_gpu_mem_mb"]) * mib,
-                "max_memory_allocated_total_bytes": float(r["total_gpu_mem_mb"]) * mib,
-                "avg_gpu_util_pct": float(r["avg_gpu_util_percent"]),
-            }
-        )
-    return pd.DataFrame(rows), raw
+    raw = pd.read_csv(Path(__file__).resolve().parents[1] / "data" / "pcie-strategies" / name)
+    return study_as_cells(raw), raw
 
 
 def test_scaling_figures_and_table_from_the_study_as_cells(tmp_path: Path) -> None:
-    cells, raw = _pcie_cells()
-    table = scaling_table(cells)  # from_cells + derive: the same numbers as the study's CSV
-    ref = raw.assign(model="pcie-" + raw["model_size"], cell_name=raw["model_size"] + "-" + raw["strategy"] + "-"
-                     + raw["num_devices"].astype(str)).set_index("cell_name")  # fmt: skip
-    got = table.set_index("cell_name").loc[ref.index]
-    for col in DERIVED_COLUMNS:
-        np.testing.assert_allclose(got[col].to_numpy(float), ref[col].to_numpy(float), rtol=1e-9, atol=1e-9)
-    assert set(table["strategy"]) == {"single_gpu", "ddp", "tp", "pp"}
+    for name, strategies in (
+        (STUDY_ZERO, {"single_gpu", "zero1", "zero2", "zero3", "zero3_offload"}),
+        (STUDY_MEGATRON, {"single_gpu", "ddp", "tp", "pp"}),
+    ):
+        cells, raw = _pcie_cells(name)
+        table = scaling_table(cells)  # from_cells + derive: the same numbers as the study's CSV
+        names = raw["model_size"] + "-" + raw["strategy"] + "-" + raw["num_devices"].astype(str)
+        got = table.set_index("cell_name").loc[names]
+        for col in DERIVED_COLUMNS:
+            np.testing.assert_allclose(got[col].to_numpy(float), raw[col].to_numpy(float), rtol=1e-9, atol=1e-9)
+        assert set(table["strategy"]) == strategies
     assert fk.scaling_models(cells) == [f"pcie-{m}" for m in ("100m", "10m", "1b", "300m", "500m")]
     paths = fk.scaling_figures(cells[cells["model"].isin(["pcie-1b", "pcie-10m"])], tmp_path, "pcie")
     assert sorted({p.stem for p in paths}) == ["scaling_pcie-10m", "scaling_pcie-1b"]
