@@ -75,6 +75,7 @@ FEATURES: Mapping[str, str] = MappingProxyType(
         "compile": "torch.compile (compile)",
         "pp_partition": "a custom pipeline partition (pp_partition: custom:...)",
         "profile:layers": "per-layer profiling (profile: layers)",
+        "profile:instructions": "per-instruction pipeline timelines (profile: instructions)",
     }
 )
 
@@ -163,6 +164,7 @@ TORCH = EngineCaps(
             "interconnect:pcie",
             "pp_partition",
             "profile:layers",
+            "profile:instructions",
         }
     ),
     devices=frozenset({"cpu", "cuda"}),
@@ -242,6 +244,8 @@ MEGATRON = EngineCaps(
             "cpu_offload": "optimizer/parameter CPU offload is not wired in this engine; use engine: torch",
             "profile:layers": "the layer profiler (charllm.train.layer_profile) hooks the torch engine's blocks; "
             "use engine: torch",
+            "profile:instructions": "the instruction recorder (charllm.energy.recorder) hooks "
+            "torch.distributed.pipelining's stage; use engine: torch",
         }
     ),
     device_limits=MappingProxyType({"cpu": MEGATRON_CPU_LIMITS}),
@@ -366,6 +370,8 @@ class CellView:
             out.append("pp_partition")
         if self.profile_mode == "layers":
             out.append("profile:layers")
+        if self.profile_mode == "instructions":
+            out.append("profile:instructions")
         return out
 
 
@@ -492,6 +498,12 @@ def _layout(v: CellView) -> list[Refusal]:
     stages = v.pp * v.pp_virtual
     if v.pp_virtual > 1 and v.pp == 1:
         no("pp_virtual", f"virtual pipeline stages (pp_virtual {v.pp_virtual}) need pipeline parallelism (pp > 1)")
+    if v.profile_mode == "instructions" and (v.pp == 1 or v.pp_virtual > 1):
+        no(
+            "profile",
+            "profile: instructions times the forwards and backwards of a pipeline stage: it needs pp > 1 "
+            "with one stage per rank (pp_virtual 1)",
+        )
     if v.pp_partition:
         try:
             stage_starts(v.pp_partition, m.n_layers, v.pp)

@@ -164,3 +164,15 @@ def test_denied_cell_is_recorded_skipped_and_not_rerun(charllm_home: Path, inclu
 
     cells = pd.read_parquet(runner.aggregate()["cells_table"]).set_index("cell_id")
     assert cells.loc[item["cell_id"], "outcome"] == "skipped"
+
+
+def test_instruction_profile_needs_a_torch_pipeline(include_tmp: Path) -> None:
+    """What the recorder cannot time is refused at plan time, naming the field."""
+    flat = PP2.replace("  pp: [2]\n", "  pp: [1]\n") + "profile: instructions\n"
+    with pytest.raises(ConfigError, match="needs pp > 1") as err:
+        load_campaign(campaign_files.write(include_tmp, flat, "flat.yaml"))
+    print(err.value)
+    assert ".profile" in str(err.value)
+    with pytest.raises(ConfigError, match="instruction recorder"):
+        load_campaign(campaign_files.write(include_tmp, PP2 + "profile: instructions\nengine: megatron\n", "meg.yaml"))
+    assert load_campaign(campaign_files.write(include_tmp, PP2 + "profile: instructions\n", "ok.yaml")).cells
