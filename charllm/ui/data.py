@@ -32,7 +32,9 @@ FIGURE_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}\.(?:png|pdf|csv|md)\
 FILE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,199}\Z")
 
 # the matrix's outcome classes, in the order of the legend
-STATUSES = ("ok", "oom", "failed", "running", "not run")
+# outcomes that are results of the cell (charllm.outcomes.RESULT_OUTCOMES), best first
+RESULT_WORDS = ("ok", "oom", "skipped")
+STATUSES = ("ok", "oom", "skipped", "failed", "running", "not run")
 _LIVE_STATES = tuple(str(s) for s in IN_FLIGHT_STATES)  # reserved, submitted, running, job_ended
 
 # (column of cells.parquet, label, unit, scale): the key metrics of a cell repeat
@@ -360,8 +362,9 @@ class Matrix:
 def status_of(attempts: Sequence[AttemptView]) -> tuple[str, AttemptView | None]:
     """The outcome class of a cell repeat from its attempts, and the attempt that shows it.
 
-    An attempt in flight makes it ``running``; else the best ended attempt: ok, then oom,
-    then the newest of the others (failed, timeout, cancelled, lost: all ``failed``).
+    An attempt in flight makes it ``running``; else the best ended attempt: ok, then oom, then
+    skipped (not run on purpose, e.g. GPU control denied), then the newest of the others
+    (failed, timeout, cancelled, lost: all ``failed``).
     """
     if not attempts:
         return "not run", None
@@ -369,7 +372,7 @@ def status_of(attempts: Sequence[AttemptView]) -> tuple[str, AttemptView | None]
     live = [a for a in by_new if not a.outcome and a.state in _LIVE_STATES]
     if live:
         return "running", live[0]
-    for word in ("ok", "oom"):
+    for word in RESULT_WORDS:
         hit = [a for a in by_new if a.outcome == word]
         if hit:
             return word, hit[0]
@@ -433,7 +436,7 @@ def build_matrix(
             tab = table_rows.get((cid, rep))
             if source == "tables" and tab is not None:
                 word = str(tab.get("outcome") or "")
-                e.status = word if word in ("ok", "oom") else "failed"
+                e.status = word if word in RESULT_WORDS else "failed"
                 e.outcome = word or None
                 e.attempt = int(tab["attempt"]) if _num(tab.get("attempt")) == _num(tab.get("attempt")) else None
                 e.attempts = 1

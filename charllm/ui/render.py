@@ -23,6 +23,7 @@ from charllm.ui.data import METRICS, STATUSES, CampaignInfo, FigureRun, Matrix, 
 STATUS_HELP = {
     "ok": "measured: a valid result",
     "oom": "out of memory: a result of the cell, not an error",
+    "skipped": "not run on purpose (GPU control the cluster profile denies): a result, never retried",
     "failed": "ended without a result (failed, timeout, cancelled or lost)",
     "running": "an attempt is in flight, or its tasks are queued in a DAG run",
     "not run": "no attempt yet",
@@ -113,6 +114,7 @@ def _when(t: datetime | None) -> str:
 
 _CSS = """
 :root { --ok:#1b7f3b; --ok-bg:#e3f4e8; --oom:#b45309; --oom-bg:#fff1de; --failed:#b42318; --failed-bg:#fde8e7;
+        --skipped:#6941c6; --skipped-bg:#f4f0ff;
         --running:#175cd3; --running-bg:#e4eeff; --notrun:#667085; --notrun-bg:#f2f4f7; --line:#d0d5dd; }
 * { box-sizing: border-box; }
 body { font: 14px/1.45 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, "Noto Sans", "DejaVu Sans",
@@ -132,8 +134,8 @@ code { font: 12px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; back
          border: 1px solid currentColor; }
 .st-ok { --c: var(--ok); --bg: var(--ok-bg); } .st-oom { --c: var(--oom); --bg: var(--oom-bg); }
 .st-failed { --c: var(--failed); --bg: var(--failed-bg); } .st-running { --c: var(--running); --bg: var(--running-bg); }
-.st-not-run { --c: var(--notrun); --bg: var(--notrun-bg); }
-.badge.st-ok, .badge.st-oom, .badge.st-failed, .badge.st-running, .badge.st-not-run { color: var(--c); background: var(--bg); }
+.st-not-run { --c: var(--notrun); --bg: var(--notrun-bg); } .st-skipped { --c: var(--skipped); --bg: var(--skipped-bg); }
+.badge.st-ok, .badge.st-oom, .badge.st-skipped, .badge.st-failed, .badge.st-running, .badge.st-not-run { color: var(--c); background: var(--bg); }
 table { border-collapse: collapse; }
 table.matrix th, table.matrix td { border: 1px solid var(--line); padding: 6px 8px; vertical-align: top; }
 table.matrix th { background: #f9fafb; text-align: left; font-size: 12px; position: sticky; top: 0; }
@@ -294,7 +296,7 @@ tokens/s per GPU, model FLOPs utilisation, energy per token, peak GPU temperatur
   {% else %}
   <td class="entry {{ cls(e.status) }}" data-cell="{{ e.cell_id }}" data-repeat="{{ e.repeat }}" data-status="{{ e.status }}">
     <div class="head"><span class="badge">{{ e.status }}</span>
-      {% if e.outcome and e.outcome not in (e.status, "ok", "oom") %}<span class="small">({{ e.outcome }})</span>{% endif %}
+      {% if e.outcome and e.outcome not in (e.status, "ok", "oom", "skipped") %}<span class="small">({{ e.outcome }})</span>{% endif %}
       {% if e.attempt %}<span class="small muted">attempt {{ e.attempt }}{% if e.attempts > 1 %} of {{ e.attempts }}{% endif %}</span>{% endif %}
       {% if e.ti_state and e.status in ("running", "not run") %}<span class="small muted">task {{ e.ti_state }}</span>{% endif %}
     </div>
