@@ -79,7 +79,7 @@ def test_admin_reads_everything(ui_server):
     assert [status[(s.cell_id(i), 0)] for i in range(6)] == want
     assert status[(s.cell_id(0), 1)] == "ok" and status[(s.cell_id(0), 2)] == "ok"
     # r1 and r2 are expected of the nightly cells (*dp1-mb2*: cells 0 and 4) only
-    assert m["counts"] == {"ok": 4, "oom": 1, "failed": 1, "running": 1, "not run": 3}
+    assert m["counts"] == {"ok": 4, "oom": 1, "skipped": 0, "failed": 1, "running": 1, "not run": 3}
     # the run's plan gives every cell repeat its map index (the order of the campaign file)
     first = next(c for c in m["cells"] if c["cell_id"] == s.cell_id(3))["repeats"][0]
     assert first["link_run"] == s.run_id and first["map_index"] == 3
