@@ -7,14 +7,7 @@
 # (pip download --python-version 3.12 --only-binary=:all: pydantic sqlalchemy -d .whl).
 set -uo pipefail
 CAMPAIGN=${1:-include/campaigns/charllm-small-1gpu.yaml}
-OUT=${OUT:-$PWD/out}
-mkdir -p "$OUT"
-export CHARLLM_HOME=${CHARLLM_HOME:-/tmp/charllm-home}
-if ! python3 -c 'import pydantic, sqlalchemy' 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/charllm-wheels .whl/*.whl
-  export PYTHONPATH=/tmp/charllm-wheels
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+. "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"  # OUT, CHARLLM_HOME, wheels, PYTHONPATH
 {
   date -u +%FT%TZ
   nvidia-smi --query-gpu=name,uuid,driver_version,power.limit,clocks.max.sm,memory.total --format=csv

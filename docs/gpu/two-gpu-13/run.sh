@@ -12,14 +12,7 @@
 # goes into machine.txt and into every job's provenance (interconnect native vs pcie).
 set -uo pipefail
 WHAT=${1:-all}
-OUT=${OUT:-$PWD/out}
-mkdir -p "$OUT"
-export CHARLLM_HOME=${CHARLLM_HOME:-/tmp/charllm-home}
-if ! python3 -c 'import pydantic, sqlalchemy' 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/charllm-wheels .whl/*.whl
-  export PYTHONPATH=/tmp/charllm-wheels
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+. "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"  # OUT, CHARLLM_HOME, wheels, PYTHONPATH
 { date -u +%FT%TZ; nvidia-smi --query-gpu=name,uuid,driver_version,power.limit,memory.total --format=csv; nvidia-smi topo -m; } > "$OUT/machine.txt" 2>&1
 run() {  # campaign file, cell glob, log name
   timeout "${RUN_LIMIT_S:-540}" python3 -m charllm.cli run "$1" --cells "$2" 2>&1 | tee -a "$OUT/$3.log"
