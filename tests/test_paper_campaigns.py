@@ -19,7 +19,8 @@ EXPECTED = {
     "charllm-fig4-parallelism.yaml": ("ppt_fig4_parallelism", 15, "h200-4x8"),  # 15 layouts at 01000
     "charllm-microbatch.yaml": ("ppt_microbatch", 59, "h200-4x8"),  # 15 layouts x 4 mbs - 1 impossible
     "charllm-h100-opt.yaml": ("ppt_h100_opt", 64, "h100-8x8"),  # 16 layouts x 4 codes
-    "charllm-small.yaml": ("ppt_small", 8, "small-gpu"),
+    "charllm-small.yaml": ("ppt_small", 11, "small-gpu"),  # + PP2, FSDP, Mixtral proxy DP2
+    "charllm-small-megatron.yaml": ("ppt_small_megatron", 9, "small-gpu"),  # DP2/TP2/PP2 x 2 codes, FSDP, EP2 x 2
     "charllm-small-1gpu.yaml": ("ppt_small_1gpu", 8, "small-gpu"),  # 4 codes + mbs 1/4/8 + Llama proxy
 }
 PAPER = ("charllm-h200-opt.yaml", "charllm-fig4-parallelism.yaml", "charllm-microbatch.yaml", "charllm-h100-opt.yaml")
@@ -120,10 +121,27 @@ def test_dropped_cells_are_impossible(tmp_path, fname, entry, why):
 def test_small_campaign_fits_the_lent_machine(loaded):
     lc = loaded["charllm-small.yaml"]
     assert lc.campaign.backend == "local" and lc.cluster.total_gpus == 2 and lc.cluster.gpu_type == "h100"
-    assert {c.model["name"] for c in lc.cells} == {"gpt3-1.3b-L4", "llama3-8b-L2"}
+    assert {c.model["name"] for c in lc.cells} == {"gpt3-1.3b-L4", "llama3-8b-L2", "mixtral-8x7b-L2"}
     assert {c.opt_code for c in lc.cells} == {"00000", "01000"}
     assert {c.micro_batch for c in lc.cells if c.model["name"] == "gpt3-1.3b-L4"} == {1, 2, 4}
-    assert {(c.parallel.tp, c.parallel.dp) for c in lc.cells} == {(1, 2), (2, 1)}
+    assert {(c.parallel.tp, c.parallel.pp, c.parallel.dp, c.parallel.fsdp) for c in lc.cells} == {
+        (1, 1, 2, False),
+        (2, 1, 1, False),
+        (1, 2, 1, False),
+        (1, 1, 2, True),
+    }
+    # every layout of two GPUs, through megatron-core too (expert parallelism only there)
+    mg = loaded["charllm-small-megatron.yaml"]
+    assert mg.campaign.engine == "megatron" and mg.cluster.name == "small-gpu"
+    layouts = {(c.parallel.tp, c.parallel.pp, c.parallel.dp, c.parallel.ep, c.parallel.fsdp) for c in mg.cells}
+    assert layouts == {
+        (1, 1, 2, 1, False),
+        (2, 1, 1, 1, False),
+        (1, 2, 1, 1, False),
+        (1, 1, 2, 1, True),
+        (1, 1, 2, 2, False),
+    }
+    assert {c.opt_code for c in mg.cells} == {"00000", "10000"}
 
 
 # -- a campaign that validates must run ---------------------------------------------------------------
