@@ -230,15 +230,15 @@ class LayerProfiler:
             return max(0, int(statistics.median(v)))
 
         model = self.model
-        layers = [
-            self._cost("embedding", "embedding", med("emb_f"), med("emb_b"), amed("emb"), self._emb_params(model))
-        ]
+        emb_params = self._params_of(model, ("tok_emb", "pos_emb"))
+        head_params = self._params_of(model, ("norm", "output"))
+        layers = [self._cost("embedding", "embedding", med("emb_f"), med("emb_b"), amed("emb"), emb_params)]
         for i in ids:
             blk = self.originals[str(i)]
             layers.append(
                 self._cost(f"block.{i}", "block", med(f"f{i}"), med(f"b{i}"), amed(f"a{i}"), list(blk.parameters()))
             )
-        layers.append(self._cost("head", "head", med("head_f"), med("head_b"), amed("head"), self._head_params(model)))
+        layers.append(self._cost("head", "head", med("head_f"), med("head_b"), amed("head"), head_params))
         opt_s = float(statistics.median(span(a, b) for a, b in self.opt_marks)) if self.opt_marks else 0.0
         return LayerProfile(
             gpu_type=cell.gpu_type,
@@ -269,17 +269,10 @@ class LayerProfiler:
             },
         )
 
-    def _emb_params(self, model: nn.Module) -> list[nn.Parameter]:
+    def _params_of(self, model: nn.Module, names: tuple[str, ...]) -> list[nn.Parameter]:
+        """The parameters of ``model``'s submodules ``names`` that this stage holds."""
         out: list[nn.Parameter] = []
-        for name in ("tok_emb", "pos_emb"):
-            mod = getattr(model, name, None)
-            if mod is not None:
-                out.extend(mod.parameters())
-        return out
-
-    def _head_params(self, model: nn.Module) -> list[nn.Parameter]:
-        out: list[nn.Parameter] = []
-        for name in ("norm", "output"):
+        for name in names:
             mod = getattr(model, name, None)
             if mod is not None:
                 out.extend(mod.parameters())
