@@ -42,6 +42,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from charllm.capabilities import CellView
 from charllm.modelcat import ModelShape
 from charllm.predict.profile import LayerProfile
 
@@ -285,35 +286,17 @@ def estimate(q: MemoryQuery, profile: LayerProfile | None = None, first_step: bo
     return best
 
 
+def query_of_view(view: CellView, gpu_type: str) -> MemoryQuery:
+    """A cell's plain values (:class:`~charllm.capabilities.CellView`) as the model sees it."""
+    shared = MemoryQuery.__dataclass_fields__.keys() & CellView.__dataclass_fields__.keys()
+    values: dict[str, Any] = {k: getattr(view, k) for k in shared}
+    values["world_size"] = view.world_size or view.ranks
+    return MemoryQuery(gpu_type=gpu_type, **values)
+
+
 def query_of_cell(cell: Cell) -> MemoryQuery:
-    """A campaign cell as the model sees it."""
-    opt = cell.opt
-    par = cell.parallel
-    return MemoryQuery(
-        model=ModelShape(**cell.model),
-        engine=cell.engine,
-        gpu_type=cell.gpu_type,
-        micro_batch=cell.micro_batch,
-        global_batch=cell.global_batch,
-        seq_len=cell.seq_len,
-        tp=par.tp,
-        pp=par.pp,
-        dp=par.dp,
-        cp=par.cp,
-        ep=par.ep,
-        pp_virtual=par.pp_virtual,
-        fsdp=par.fsdp,
-        zero=int(opt.get("zero", 0) or 0),
-        cpu_offload=bool(opt.get("cpu_offload", False)),
-        recompute=cell.recompute_mode,
-        recompute_layers=int(opt.get("recompute_layers", 0) or 0),
-        offload_alpha=float(opt.get("offload_alpha", 0.0) or 0.0),
-        compile=bool(opt.get("compile", False)),
-        pp_schedule=str(opt.get("pp_schedule", "1f1b")),
-        precision=cell.precision,
-        world_size=cell.world_size,
-        overlap=bool(opt.get("overlap", False)),
-    )
+    """A campaign cell as the model sees it: its :meth:`~charllm.campaign.Cell.view`."""
+    return query_of_view(cell.view(), cell.gpu_type)
 
 
 def query_of_job_cell(raw: dict[str, Any]) -> MemoryQuery:
