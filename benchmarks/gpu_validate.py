@@ -469,12 +469,27 @@ def sec_attn(args: argparse.Namespace) -> None:
         q.grad = k.grad = v.grad = None
 
 
-def sec_scale(args: argparse.Namespace) -> None:
+def _gpus_or_skip(section: str) -> int:
+    """The GPUs of this machine; 0 (the skip logged) where a multi-GPU section has only one."""
     import torch
 
     n = torch.cuda.device_count()
     if n < 2:
-        log("== scale: skipped (one GPU)")
+        log(f"== {section}: skipped (one GPU)")
+        return 0
+    return n
+
+
+def _weak_scaling_row(label: str, row: str, n: int, m: dict, m1: dict) -> None:
+    """Log and summarise the weak-scaling efficiency of ``m`` (``n`` GPUs) against ``m1`` (one GPU)."""
+    eff = m["tokens_per_s"] / (n * m1["tokens_per_s"])
+    log(f"  {label}: {m['tokens_per_s']:,.0f} tok/s vs {n} x {m1['tokens_per_s']:,.0f}: efficiency {eff:.4f}")
+    SUMMARY.append((row, f"{eff:.4f}", ">= 0.98", verdict(eff >= 0.98)))
+
+
+def sec_scale(args: argparse.Namespace) -> None:
+    n = _gpus_or_skip("scale")
+    if not n:
         return
     log(f"== scale: weak scaling on {n} GPUs (same per-GPU batch: mb 8, 4 micro batches), GPT-3 1.3B, compiled")
     for label, fsdp, overlap, base in (("ddp", False, True, "var-compile"), ("fsdp", True, False, "var-compile-fsdp1")):
@@ -485,20 +500,13 @@ def sec_scale(args: argparse.Namespace) -> None:
         m = _short(args, f"scale-{label}{n}", nproc=n, fsdp=fsdp, overlap=overlap)
         if m is None:
             continue
-        eff = m["tokens_per_s"] / (n * m1["tokens_per_s"])
-        log(f"  {label}: {m['tokens_per_s']:,.0f} tok/s vs {n} x {m1['tokens_per_s']:,.0f}: efficiency {eff:.4f}")
-        SUMMARY.append(
-            (f"weak scaling {label} x{n} (vs same config x1)", f"{eff:.4f}", ">= 0.98", verdict(eff >= 0.98))
-        )
+        _weak_scaling_row(label, f"weak scaling {label} x{n} (vs same config x1)", n, m, m1)
 
 
 def sec_scale_ablate(args: argparse.Namespace) -> None:
     """Weak scaling x2 under gradient-sync options, each against the same config on one GPU."""
-    import torch
-
-    n = torch.cuda.device_count()
-    if n < 2:
-        log("== scale_ablate: skipped (one GPU)")
+    n = _gpus_or_skip("scale_ablate")
+    if not n:
         return
     log(f"== scale_ablate: weak scaling x{n} under gradient-sync options (GPT-3 1.3B, mb 8, 4 micro batches)")
     configs = [
@@ -522,18 +530,13 @@ def sec_scale_ablate(args: argparse.Namespace) -> None:
         m = _short(args, f"scale-{label}-x{n}", nproc=n, **kw)
         if m is None:
             continue
-        eff = m["tokens_per_s"] / (n * m1["tokens_per_s"])
-        log(f"  {label}: {m['tokens_per_s']:,.0f} tok/s vs {n} x {m1['tokens_per_s']:,.0f}: efficiency {eff:.4f}")
-        SUMMARY.append((f"weak scaling {label} x{n}", f"{eff:.4f}", ">= 0.98", verdict(eff >= 0.98)))
+        _weak_scaling_row(label, f"weak scaling {label} x{n}", n, m, m1)
 
 
 def sec_multi(args: argparse.Namespace) -> None:
     """Tensor and pipeline parallelism over NCCL on 2 GPUs (the CPU tests cover them on gloo)."""
-    import torch
-
-    n = torch.cuda.device_count()
-    if n < 2:
-        log("== multi: skipped (one GPU)")
+    n = _gpus_or_skip("multi")
+    if not n:
         return
     log("== multi: TP2 (llama3-8b, 2 layers, compiled) and PP2 (gpt3-1.3b, 8 layers, 1F1B, profiled) over NCCL")
     w = {"min_steps": 2, "max_steps": 4, "step_time_cv": 0.5, "temp_slope_c_per_s": 10.0}
