@@ -21,8 +21,6 @@
 #              tables, figures and results.
 # Python packages the machine lacks come as wheels in .whl/ (docs/gpu/small-campaign/run.sh).
 set -uo pipefail
-OUT=${OUT:-$PWD/out}
-export CHARLLM_HOME=${CHARLLM_HOME:-/tmp/charllm-home}
 CAMPAIGNS=(include/campaigns/charllm-small.yaml include/campaigns/charllm-small-megatron.yaml
            include/campaigns/kwai-remat-2gpu.yaml include/campaigns/pcie-strategies.yaml
            include/campaigns/pcie-pp-microbatch.yaml include/campaigns/perseus-pp2-local.yaml)
@@ -44,16 +42,11 @@ if [[ ${1:-} == --dry-run ]]; then
     "${CLI[@]}" render "$c" "$d" > /dev/null && echo "rendered $(find "$d" -name '*.sbatch' | wc -l) job scripts"
     rm -rf "$d"
   done
-  "${CLI[0]}" benchmarks/two_gpu_checks.py --home "$CHARLLM_HOME"
+  "${CLI[0]}" benchmarks/two_gpu_checks.py --home "${CHARLLM_HOME:-/tmp/charllm-home}"
   exit 0
 fi
 
-mkdir -p "$OUT"
-if ! python3 -c 'import pydantic, sqlalchemy' 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/charllm-wheels .whl/*.whl
-  export PYTHONPATH=/tmp/charllm-wheels
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+. "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"  # OUT, CHARLLM_HOME, wheels, PYTHONPATH
 n=$(nvidia-smi -L | wc -l)
 [[ $n -ge 2 ]] || { echo "two GPUs needed, found $n" >&2; exit 3; }
 { date -u +%FT%TZ; nvidia-smi --query-gpu=name,uuid,driver_version,power.limit,clocks.max.sm,memory.total --format=csv; nvidia-smi topo -m; } > "$OUT/machine.txt" 2>&1
