@@ -22,6 +22,14 @@ largest relative loss difference over the steps <= 1 %; PCIe TX bytes / offloade
 >= 0.9 for every swept cell with alpha > 0.
 
 Usage (device): ``python3 benchmarks/kwai_remat_gpu.py --cells docs/gpu/kwai-remat-1gpu/cells.json --out OUT``
+
+Options for a short device lease (``docs/gpu/kwai-remat-1gpu-run/``): ``--plan none:0.8,kwai:0.4,...``
+runs only those cells, in that order (the others are rows ``not run``); ``--keep-pool`` keeps the
+pinned host buffers across modes (reused by size: the largest mode's pool serves the others, so
+the host memory is registered once); ``--warm-steps N`` runs N unmeasured steps after each engine
+build (the AdamW state exists before the first measured step, so one measured step per cell
+suffices); ``--deadline-unix T`` starts no cell after T - 8 s; ``--skip-compare``; ``sweep.json``
+is rewritten after every cell. ``--device cpu`` (gloo, no NVML) dry-runs the script on a tiny cell.
 """
 
 from __future__ import annotations
@@ -65,25 +73,48 @@ def r2(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
 
 
 class Bench:
-    def __init__(self, cells: list[dict[str, Any]], out: Path) -> None:
+    def __init__(self, cells: list[dict[str, Any]], out: Path, device: str = "cuda") -> None:
         import torch
         import torch.distributed as dist
 
-        from charllm.telemetry.nvml_source import NvmlSource
-
         self.torch, self.cells, self.out = torch, cells, out
+        self.cuda = device == "cuda"
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29533")
-        dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
-        self.device = torch.device("cuda", 0)
-        torch.cuda.set_device(self.device)
-        self.nvml = NvmlSource(index=0)
         self.engine: Any = None
+        self.keep_pool, self.warm_steps = False, 0
         import threading
 
         self.lock, self.stop = threading.Lock(), threading.Event()
         self.tx = self.rx = 0.0
+        if not self.cuda:  # a CPU dry run: gloo, no NVML, memory counters read as 0
+            dist.init_process_group("gloo", rank=0, world_size=1)
+            self.device = torch.device("cpu")
+            return
+        from charllm.telemetry.nvml_source import NvmlSource
+
+        dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+        self.device = torch.device("cuda", 0)
+        torch.cuda.set_device(self.device)
+        self.nvml = NvmlSource(index=0)
         threading.Thread(target=self._sample, name="pcie", daemon=True).start()
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            self.torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> tuple[int, int]:
+        """(max_memory_allocated, max_memory_reserved) since the last reset; 0 on CPU."""
+        if not self.cuda:
+            return 0, 0
+        return int(self.torch.cuda.max_memory_allocated(self.device)), int(
+            self.torch.cuda.max_memory_reserved(self.device)
+        )
 
     def pcie(self) -> tuple[float, float]:
         """Bytes the GPU sent (TX) and received (RX) over PCIe since the start, unwrapped.
@@ -127,17 +158,18 @@ class Bench:
     def drop(self) -> None:
         self.engine = None
         gc.collect()
-        self.torch.cuda.empty_cache()
+        if self.cuda:
+            self.torch.cuda.empty_cache()
 
     def steps(self, n: int, first: int = 0) -> dict[str, Any]:
         """Run n steps; returns losses, step times, offloaded bytes and PCIe counter deltas per step."""
-        torch, eng = self.torch, self.engine
+        eng = self.engine
         losses, times, off, pcie = [], [], [], []
         for i in range(n):
             tx0, rx0 = self.pcie()
             t0 = time.perf_counter()
             loss = eng.step(first + i)
-            torch.cuda.synchronize()
+            self.sync()
             times.append(time.perf_counter() - t0)
             tx1, rx1 = self.pcie()
             losses.append(float(loss))
@@ -145,45 +177,62 @@ class Bench:
             off.append(eng.offload_steps[-1] if eng.offload_steps else (0, 0))
         return {"losses": losses, "step_s": times, "offload": off, "pcie": pcie}
 
-    def sweep(self, n_steps: int) -> list[dict[str, Any]]:
+    def sweep(
+        self, n_steps: int, plan: list[tuple[str, float]] | None = None, deadline: float | None = None
+    ) -> list[dict[str, Any]]:
         torch = self.torch
         rows: list[dict[str, Any]] = []
         base = next(c for c in self.cells if c["opt"].get("offload_alpha"))
         step = 0
         # per mode, alphas from 1 down: once one runs out of memory, the smaller ones would too
         order = sorted(self.cells, key=lambda c: (mode_of(c), -float(c["opt"].get("offload_alpha", 0.0))))
-        oom_mode: set[str] = set()
+        if plan is not None:  # the named cells in the named order; the others are rows "not run"
+            by_key = {(mode_of(c), float(c["opt"].get("offload_alpha", 0.0))): c for c in self.cells}
+            missing = [k for k in plan if k not in by_key]
+            if missing:
+                raise SystemExit(f"--plan names cells the campaign lacks: {missing}")
+            order = [by_key[k] for k in plan] + [c for c in order if c not in [by_key[k] for k in plan]]
+        planned = None if plan is None else {id(c) for c in order[: len(plan)]}
+        oom_alpha: dict[str, float] = {}
         for raw in order:
             mode = mode_of(raw)
             alpha = float(raw["opt"].get("offload_alpha", 0.0))
-            if mode in oom_mode:
-                row0 = {"cell": raw["name"], "cell_id": raw["cell_id"], "recompute": mode, "alpha": alpha}
+            row0 = {"cell": raw["name"], "cell_id": raw["cell_id"], "recompute": mode, "alpha": alpha}
+            if mode in oom_alpha and alpha <= oom_alpha[mode]:
                 rows.append(
                     {**row0, "outcome": "oom", "error": "not run: a larger alpha of this mode ran out of memory"}
                 )
                 continue
-            if self.engine is None:
+            if planned is not None and id(raw) not in planned:
+                rows.append({**row0, "outcome": "not_run", "error": "not run: not in --plan"})
+                continue
+            if deadline is not None and time.time() > deadline - 8:
+                rows.append({**row0, "outcome": "not_run", "error": "not run: the device lease's deadline"})
+                continue
+            fresh = self.engine is None
+            if fresh:
                 self.build(base)
                 step = 0
             eng = self.engine
             if mode != getattr(self, "last_mode", None):
-                eng.offloader.pool.clear()  # the previous mode's host buffers (other sizes)
+                if not self.keep_pool:
+                    eng.offloader.pool.clear()  # the previous mode's host buffers (other sizes)
                 self.last_mode = mode
             eng.stage_model.recompute_mode = mode
             eng.stage_model.recompute = mode != "none"
             eng.offloader.alpha = alpha
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            row: dict[str, Any] = {"cell": raw["name"], "cell_id": raw["cell_id"], "recompute": mode, "alpha": alpha}
+            row: dict[str, Any] = dict(row0)
             try:
+                if fresh and self.warm_steps:  # AdamW state and the host pool exist before the measured step
+                    t = time.time()
+                    self.steps(self.warm_steps, step)
+                    step += self.warm_steps
+                    row["warm_steps_s"] = time.time() - t
+                self.reset_peak()
                 r = self.steps(n_steps, step)
                 step += n_steps
-                row.update(
-                    outcome="ok",
-                    max_memory_allocated_bytes=int(torch.cuda.max_memory_allocated(self.device)),
-                    max_memory_reserved_bytes=int(torch.cuda.max_memory_reserved(self.device)),
-                    **r,
-                )
+                mem_a, mem_r = self.peak()
+                row.update(outcome="ok", max_memory_allocated_bytes=mem_a, max_memory_reserved_bytes=mem_r, **r)
                 # the last step: offloaded bytes vs what crossed the bus (TX: device to host)
                 o_out, o_in = r["offload"][-1]
                 tx, rx = r["pcie"][-1]
@@ -191,7 +240,7 @@ class Bench:
                 row["pcie_rx_over_fetch"] = rx / o_in if o_in else None
             except torch.OutOfMemoryError as err:
                 row.update(outcome="oom", error=str(err).splitlines()[0][:300])
-                oom_mode.add(mode)
+                oom_alpha[mode] = max(alpha, oom_alpha.get(mode, alpha))
             if row["outcome"] == "oom":
                 eng = None
                 self.drop()  # outside the except block: its traceback no longer holds the tensors
@@ -200,13 +249,14 @@ class Bench:
                 flush=True,
             )
             rows.append(row)
+            (self.out / "sweep.json").write_text(json.dumps(rows, indent=1))
         self.drop()
         return rows
 
     def run_cell(self, raw: dict[str, Any], n: int) -> dict[str, Any]:
         torch = self.torch
         self.build(raw)
-        torch.cuda.reset_peak_memory_stats(self.device)
+        self.reset_peak()
         bad: dict[str, Any] | None
         try:
             r = self.steps(n)
@@ -224,7 +274,7 @@ class Bench:
             "outcome": "ok",
             "tokens_per_s": tokens / med,
             "step_time_median_s": med,
-            "max_memory_allocated_bytes": int(torch.cuda.max_memory_allocated(self.device)),
+            "max_memory_allocated_bytes": self.peak()[0],
             **r,
         }
         self.drop()
@@ -238,6 +288,12 @@ def main() -> int:
     ap.add_argument("--sweep-steps", type=int, default=2)
     ap.add_argument("--compare-steps", type=int, default=20)
     ap.add_argument("--write-cells", metavar="CAMPAIGN", help="write --cells from a campaign file and exit")
+    ap.add_argument("--plan", help="comma-separated mode:alpha cells to run, in this order (default: all)")
+    ap.add_argument("--keep-pool", action="store_true", help="keep the pinned host pool across modes")
+    ap.add_argument("--warm-steps", type=int, default=0, help="unmeasured steps after each engine build")
+    ap.add_argument("--deadline-unix", type=float, help="start no cell after this time minus 8 s")
+    ap.add_argument("--skip-compare", action="store_true")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     args = ap.parse_args()
     if args.write_cells:
         write_cells(args.write_cells, args.cells)
@@ -245,9 +301,16 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cells = json.loads(Path(args.cells).read_text())
-    b = Bench(cells, out)
+    plan = None
+    if args.plan:
+        plan = []
+        for tok in args.plan.split(","):
+            mode, _, a = tok.partition(":")
+            plan.append((mode.strip(), float(a)))
+    b = Bench(cells, out, args.device)
+    b.keep_pool, b.warm_steps = args.keep_pool, args.warm_steps
     t0 = time.time()
-    rows = b.sweep(args.sweep_steps)
+    rows = b.sweep(args.sweep_steps, plan, args.deadline_unix)
     (out / "sweep.json").write_text(json.dumps(rows, indent=1))
     print(f"sweep: {len(rows)} cells in {time.time() - t0:.0f} s", flush=True)
 
@@ -272,7 +335,7 @@ def main() -> int:
     kw = sorted((r for r in rows if r["recompute"] == "kwai" and r["outcome"] == "ok"), key=lambda r: r["alpha"])
     summary["operating_point"] = {"none_alpha0": none0["outcome"] if none0 else None}
     full_raw = pick("full", 0.0)
-    if kw and full_raw is not None:
+    if kw and full_raw is not None and not args.skip_compare:
         a_star = kw[0]["alpha"]
         kw_raw = pick("kwai", a_star)
         full = b.run_cell(full_raw, args.compare_steps)
