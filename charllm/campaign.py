@@ -73,6 +73,14 @@ def field_error(field: str, message: str) -> PydanticCustomError:
     return PydanticCustomError("field_error", "{message}", {"field": field, "message": message})
 
 
+def _plan_ref(value: str) -> str:
+    """``frequency_plan``: a plans.jsonl under the results home, ``path[@point]`` (charllm.energy.freqplan)."""
+    from charllm.energy.freqplan import parse_ref
+
+    parse_ref(value)  # ValueError names the rule
+    return value
+
+
 def _safe_name(value: str) -> str:
     if not is_safe_name(value):
         raise ValueError(
@@ -371,7 +379,7 @@ _Interconnect = Literal["native", "pcie"]
 _PpPartition = Annotated[str, Strict(), Field(max_length=4096, pattern=r"^(uniform|custom:\d+(,\d+)*)$")]
 _ClockMhz = Annotated[int, Strict(), Field(ge=100, le=5000)]
 _PowerW = Annotated[int, Strict(), Field(ge=50, le=2000)]
-_PlanName = Annotated[str, Strict(), AfterValidator(_safe_name)]
+_PlanName = Annotated[str, Strict(), Field(max_length=512), AfterValidator(_plan_ref)]
 _Dp = Degree | Literal["auto"]
 
 
@@ -684,6 +692,7 @@ class Cell(_Strict):
             compile=bool(self.opt.get("compile", False)),
             pp_partition=par.pp_partition,
             profile_mode=str(self.opt.get("profile_mode", "none")),
+            frequency_plan=bool(((self.gpu_control or {}).get("request") or {}).get("frequency_plan")),
             precision=self.precision,
             micro_batch=self.micro_batch,
             global_batch=self.global_batch,
@@ -1006,7 +1015,8 @@ def _point_name(p: dict[str, Any], shape: modelcat.ModelShape, code: str) -> str
     req = (p.get("gpu_control") or {}).get("request") or {}
     for key, tag in (("gpu_clock_mhz", "f"), ("power_limit_w", "pl"), ("frequency_plan", "plan-")):
         if key in req:
-            bits.append(f"{tag}{req[key]}")
+            val = req[key] if key != "frequency_plan" else hashlib.sha256(str(req[key]).encode()).hexdigest()[:8]
+            bits.append(f"{tag}{val}")
     return "-".join(bits)
 
 

@@ -76,6 +76,7 @@ FEATURES: Mapping[str, str] = MappingProxyType(
         "pp_partition": "a custom pipeline partition (pp_partition: custom:...)",
         "profile:layers": "per-layer profiling (profile: layers)",
         "profile:instructions": "per-instruction pipeline timelines (profile: instructions)",
+        "frequency_plan": "per-instruction SM clocks from a Perseus frequency plan (frequency_plan)",
     }
 )
 
@@ -165,6 +166,7 @@ TORCH = EngineCaps(
             "pp_partition",
             "profile:layers",
             "profile:instructions",
+            "frequency_plan",
         }
     ),
     devices=frozenset({"cpu", "cuda"}),
@@ -246,6 +248,8 @@ MEGATRON = EngineCaps(
             "use engine: torch",
             "profile:instructions": "the instruction recorder (charllm.energy.recorder) hooks "
             "torch.distributed.pipelining's stage; use engine: torch",
+            "frequency_plan": "frequency plans are applied through the instruction recorder's hooks on "
+            "torch.distributed.pipelining's stage; use engine: torch",
         }
     ),
     device_limits=MappingProxyType({"cpu": MEGATRON_CPU_LIMITS}),
@@ -325,6 +329,7 @@ class CellView:
     pp_partition: str = ""  # "" (uniform) or "custom:0,8,14,20,26" (stage start layers, then n_layers)
     pp_schedule: str = "1f1b"
     profile_mode: str = "none"  # none | layers | instructions
+    frequency_plan: bool = False  # a per-instruction clock plan (gpu_control.request.frequency_plan)
     precision: str = "bf16"
     micro_batch: int = 1
     global_batch: int = 1
@@ -372,6 +377,8 @@ class CellView:
             out.append("profile:layers")
         if self.profile_mode == "instructions":
             out.append("profile:instructions")
+        if self.frequency_plan:
+            out.append("frequency_plan")
         return out
 
 
@@ -503,6 +510,12 @@ def _layout(v: CellView) -> list[Refusal]:
             "profile",
             "profile: instructions times the forwards and backwards of a pipeline stage: it needs pp > 1 "
             "with one stage per rank (pp_virtual 1)",
+        )
+    if v.frequency_plan and (v.pp == 1 or v.pp_virtual > 1):
+        no(
+            "frequency_plan",
+            "a frequency plan sets the clock of each pipeline instruction: it needs pp > 1 with one stage per "
+            "rank (pp_virtual 1)",
         )
     if v.pp_partition:
         try:
@@ -687,6 +700,7 @@ def spec_view(cell: CellSpec, device_type: str | None = None) -> CellView:
         pp_partition=p.pp_partition,
         pp_schedule=o.pp_schedule,
         profile_mode=o.profile_mode,
+        frequency_plan=bool(((cell.extra.get("gpu_control") or {}).get("request") or {}).get("frequency_plan")),
         precision=cell.precision,
         micro_batch=cell.micro_batch,
         global_batch=cell.global_batch,

@@ -157,10 +157,14 @@ def job_spec(
 ) -> JobSpec:
     script = render_script(cell, cluster, ident, python, data_home)
     cell_json = json.dumps(cell.job_config(ident.repeat), indent=2, sort_keys=True)
+    from charllm import paths
+    from charllm.energy.freqplan import job_file
+
+    plan = job_file(cell, data_home if data_home is not None else paths.home())  # frequency_plan.json, if any
     return JobSpec(
         identity=ident,
         script=script,
-        files={"cell.json": cell_json + "\n"},
+        files={"cell.json": cell_json + "\n", **plan},
         time_limit_s=parse_time_limit(cluster.time_limit),
     )
 

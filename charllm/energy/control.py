@@ -10,7 +10,10 @@ is ever called.
 root or ``nvidia-smi -acp UNRESTRICTED`` for clocks on most drivers) and puts every GPU it
 touched back on every exit path: the normal end (``with`` / :meth:`restore`), an exception
 (``__exit__``), SIGTERM and SIGINT (its handlers restore, then exit 143 / 130) and interpreter
-exit (``atexit``). A Slurm epilog that runs ``nvidia-smi -rgc; nvidia-smi -pl <default>``
+exit (``atexit``). A Python signal handler runs only when the main thread runs Python code, and a
+rank blocked in a collective (a pipeline peer that died) may not for minutes; so the controller
+also listens on :func:`signal.set_wakeup_fd` from a thread, which restores at once and, if the
+main thread has not exited within a grace period, ends the process with 128 + the signal. A Slurm epilog that runs ``nvidia-smi -rgc; nvidia-smi -pl <default>``
 remains the guard against SIGKILL (docs/energy.md).
 
 ``zeusd`` (Zeus's privileged daemon) is accepted by the gate's schema but not driven by this
@@ -20,9 +23,12 @@ version: a cell that would need it is skipped with that reason.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib
+import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
@@ -117,6 +123,11 @@ class GpuController:
     _prev: dict[int, Any] = field(default_factory=dict)
     _installed: bool = False
     _current_mhz: int | None = None
+    plan: Any = None  # a charllm.energy.freqplan.FrequencyPlan the job applies per instruction
+    grace_s: float = 5.0  # after a signal's restore, how long the main thread may take to exit
+    _lock: threading.RLock = field(default_factory=threading.RLock)
+    _wake: tuple[int, int] | None = None
+    _prev_wake: int = -1
 
     # -- lifecycle ---------------------------------------------------------------------
     def __enter__(self) -> GpuController:
@@ -136,13 +147,51 @@ class GpuController:
                 self._prev[sig] = signal.signal(sig, self._on_signal)
             except ValueError:  # not the main thread: atexit and __exit__ still guard
                 pass
+        if self._prev:
+            self._start_watchdog()
         atexit.register(self.restore)
         self._installed = True
+
+    def _start_watchdog(self) -> None:
+        """Restore from a thread as soon as SIGTERM/SIGINT arrives (the main thread may be blocked in C)."""
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        try:
+            self._prev_wake = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except ValueError:
+            os.close(r)
+            os.close(w)
+            return
+        self._wake = (r, w)
+        threading.Thread(target=self._watch, args=(r,), name="gpu-control-restore", daemon=True).start()
+
+    def _watch(self, fd: int) -> None:
+        wanted = {int(signal.SIGTERM), int(signal.SIGINT)}
+        while True:
+            try:
+                data = os.read(fd, 64)
+            except OSError:
+                return
+            if not data:  # uninstalled
+                os.close(fd)
+                return
+            hit = [b for b in data if b in wanted]
+            if hit:
+                self.log(f"signal {hit[0]}: restoring GPU settings (watchdog)")
+                self.restore()
+                threading.Event().wait(self.grace_s)
+                os._exit(128 + hit[0])  # the main thread did not exit by itself: blocked in a collective
 
     def uninstall(self) -> None:
         for sig, prev in self._prev.items():
             signal.signal(sig, prev)
         self._prev.clear()
+        if self._wake is not None:
+            with contextlib.suppress(ValueError):
+                signal.set_wakeup_fd(self._prev_wake)
+            _r, w = self._wake
+            os.close(w)  # the watchdog reads EOF, closes its end and ends
+            self._wake = None
         atexit.unregister(self.restore)
         self._installed = False
 
@@ -169,17 +218,18 @@ class GpuController:
             raise ControlDenied(f"gpu_control.{name} is {mode}: no {name.replace('_', ' ')} change is made")
 
     # -- setters -------------------------------------------------------------------------
-    def lock_clocks(self, mhz: int) -> None:
-        """Lock the SM clock of every device at ``mhz`` (min = max)."""
+    def lock_clocks(self, mhz: int, force: bool = False) -> None:
+        """Lock the SM clock of every device at ``mhz`` (min = max); ``force``: even if already there."""
         self._allow("clocks")
-        if mhz == self._current_mhz:
+        if mhz == self._current_mhz and not force:
             return
-        nv = self._lib()
-        for idx in self.devices:
-            h = self._handle(idx)
-            self._saved.setdefault(idx, _Saved()).clocks_locked = True
-            nv.nvmlDeviceSetGpuLockedClocks(h, int(mhz), int(mhz))
-        self._current_mhz = int(mhz)
+        with self._lock:
+            nv = self._lib()
+            for idx in self.devices:
+                h = self._handle(idx)
+                self._saved.setdefault(idx, _Saved()).clocks_locked = True
+                nv.nvmlDeviceSetGpuLockedClocks(h, int(mhz), int(mhz))
+            self._current_mhz = int(mhz)
 
     def set_power_limit(self, watts: int) -> None:
         self._allow("power_limit")
@@ -192,18 +242,27 @@ class GpuController:
             nv.nvmlDeviceSetPowerManagementLimit(h, int(watts) * 1000)
 
     def instruction_hook(self, plan: Mapping[tuple[str, int], int]) -> Callable[[str, int], None]:
-        """A pre-instruction callback that locks the plan's frequency for (instruction, micro batch)."""
+        """A pre-instruction callback: one clock lock per instruction, at the plan's (instruction, micro batch).
+
+        Set every time (not only on a change): a clock the driver or another tool moved is put back,
+        and the call record is one lock per instruction. An instruction the plan lacks raises.
+        """
         self._allow("clocks")
 
         def before(instruction: str, micro_batch: int) -> None:
             mhz = plan.get((instruction, micro_batch))
-            if mhz is not None:
-                self.lock_clocks(mhz)
+            if mhz is None:
+                raise KeyError(f"the frequency plan has no clock for {instruction} of micro batch {micro_batch}")
+            self.lock_clocks(mhz, force=True)
 
         return before
 
     def restore(self) -> None:
         """Put back every setting this controller changed (idempotent; errors are logged, not raised)."""
+        with self._lock:
+            self._restore()
+
+    def _restore(self) -> None:
         if not self._saved:
             return
         nv = self.nvml
@@ -243,29 +302,35 @@ def request_of(extra: Mapping[str, Any]) -> tuple[Gate, ControlRequest]:
 def job_skip_reason(extra: Mapping[str, Any]) -> str | None:
     """Why the job must not run this cell (it ends ``skipped``), before it touches a GPU; None: run it."""
     gate, req = request_of(extra)
-    why = skip_reason(gate, req)
-    if why is None and req.frequency_plan is not None:
-        why = (
-            "frequency_plan: per-instruction plans are computed by `charllm energy-plan` but this version's job "
-            "does not execute them yet (the controller's instruction hook is tested on a fake NVML only)"
-        )
-    return why
+    return skip_reason(gate, req)
 
 
-def job_control(extra: Mapping[str, Any], local_rank: int, log: Callable[[str], None] = print) -> Any:
+def job_control(
+    extra: Mapping[str, Any], local_rank: int, log: Callable[[str], None] = print, folder: Any = None
+) -> Any:
     """A context manager applying the cell's global clock / power limit on this rank's GPU, restoring after.
 
-    A ``contextlib.nullcontext`` when the cell asks for nothing.
+    It yields the :class:`GpuController` (``None`` when the cell asks for nothing). A cell with a
+    ``frequency_plan`` gets the plan shipped beside its ``cell.json`` in ``folder``
+    (:func:`charllm.energy.freqplan.load_job_plan`) as ``controller.plan``; the job's instruction
+    recorder locks its clocks before every forward and backward (:func:`charllm.energy.recorder.maybe_attach`).
     """
-    import contextlib
-
     gate, req = request_of(extra)
     if not req.any:
         return contextlib.nullcontext()
+    plan = None
+    if req.frequency_plan is not None:
+        from pathlib import Path
+
+        from charllm.energy.freqplan import load_job_plan
+
+        if folder is None:
+            raise ValueError("frequency_plan: the job's folder holding frequency_plan.json is not known")
+        plan = load_job_plan(Path(folder), req.frequency_plan)  # before any GPU setting changes
 
     @contextlib.contextmanager
     def ctl() -> Any:
-        with GpuController(gate, (local_rank,), log=log) as c:
+        with GpuController(gate, (local_rank,), log=log, plan=plan) as c:
             apply_request(c, req)
             yield c
 

@@ -226,10 +226,16 @@ class InstructionRecorder:
         return timeline, meta
 
 
-def maybe_attach(engine: Any, cell: Any, device: Any) -> InstructionRecorder | None:
-    """The recorder for a ``profile: instructions`` cell (``opt.profile_mode``), attached; else None."""
-    if getattr(cell.opt, "profile_mode", "none") != "instructions":
+def maybe_attach(engine: Any, cell: Any, device: Any, controller: Any = None) -> InstructionRecorder | None:
+    """The recorder for a ``profile: instructions`` cell (``opt.profile_mode``) or a cell running a
+    frequency plan (``controller.plan``: the controller locks this stage's clock before every
+    forward and backward, at the plan's value), attached; else None."""
+    plan = getattr(controller, "plan", None)
+    if getattr(cell.opt, "profile_mode", "none") != "instructions" and plan is None:
         return None
-    rec = InstructionRecorder(device, int(getattr(engine, "pp_rank", 0)))
+    stage = int(getattr(engine, "pp_rank", 0))
+    rec = InstructionRecorder(device, stage)
     rec.wrap_engine(engine)
+    if plan is not None:
+        rec.before = controller.instruction_hook(plan.for_stage(stage))
     return rec

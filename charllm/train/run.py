@@ -75,6 +75,7 @@ class Job:
         self.window_record: dict[str, Any] = {"mode": "fixed"}
         # torch.cuda.max_memory_allocated right after the second step (Kwai's Figure 7 quantity)
         self.mem_step2: int | None = None
+        self.gpu_controller: Any = None  # charllm.energy.control.GpuController when the cell changes GPU settings
 
     # ---- telemetry -----------------------------------------------------------------------
     def _start_sampler(self, device: Any) -> tuple[Any, Path, bool]:
@@ -136,7 +137,7 @@ class Job:
         engine = build_engine(cell, denv, device)
         from charllm.energy.recorder import maybe_attach
 
-        recorder = maybe_attach(engine, cell, device)  # profile: instructions
+        recorder = maybe_attach(engine, cell, device, self.gpu_controller)  # profile: instructions, frequency plans
         if self.rank == 0:
             _log(
                 f"[charllm.train] cell {cell.cell_id} {cell.name}: {cell.model.name} "
@@ -454,8 +455,11 @@ def run(cell_path: str | Path, out_dir: str | Path, env: Mapping[str, str] | Non
                 write_json_atomic(out / "result.json", {"outcome": "skipped", "error": skip, "metrics": {}})
             _log(f"[charllm.train] cell skipped: {skip}")
             return 0
-        with job_control(cell.extra, denv.local_rank, _log):  # restores clocks/limits on every exit path
-            Job(cell, denv, out).run()
+        # restores clocks/limits on every exit path; a frequency plan shipped beside cell.json goes with it
+        with job_control(cell.extra, denv.local_rank, _log, Path(cell_path).parent) as ctl:
+            job = Job(cell, denv, out)
+            job.gpu_controller = ctl
+            job.run()
         return 0
     except KeyboardInterrupt:
         raise

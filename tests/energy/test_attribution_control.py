@@ -114,7 +114,9 @@ def test_controller_locks_per_instruction_and_restores() -> None:
     calls = nv.setter_calls()
     print(*calls, sep="\n")
     locks = [c[2] for c in calls if c[0] == "nvmlDeviceSetGpuLockedClocks" and c[1] == 0]
-    assert locks == [1410, 1200, 1410]  # global lock, then per instruction (an unchanged clock is not set again)
+    assert locks == [1410, 1200, 1200, 1410]  # the global lock, then exactly one lock per instruction
+    with pytest.raises(KeyError, match="no clock for backward of micro batch 1"), GpuController(gate, (0,), nvml=nv):
+        ctl.instruction_hook({})("backward", 1)
     assert nv.locked == {0: None, 1: None} and nv.power_limit_mw == {0: 700_000, 1: 700_000}
     assert calls[-1][0] == "nvmlDeviceSetPowerManagementLimit"
 
@@ -154,3 +156,38 @@ def test_controller_restores_on_sigterm(tmp_path: Path) -> None:
     names = [c[0] for c in calls]
     assert names[-2:] == ["nvmlDeviceResetGpuLockedClocks", "nvmlDeviceSetPowerManagementLimit"]
     assert calls[-1] == ["nvmlDeviceSetPowerManagementLimit", 0, 700_000]
+
+
+def test_controller_restores_on_sigterm_while_blocked_in_c(tmp_path: Path) -> None:
+    """A rank blocked in C++ (here a TCPStore wait for a key nobody sets, as a collective on a stuck peer)
+    runs no Python signal handler: the controller's watchdog thread restores and ends the process."""
+    log = tmp_path / "nvml.jsonl"
+    child = textwrap.dedent(
+        """
+        import datetime
+        from torch.distributed import TCPStore
+        from charllm.energy.control import Gate, GpuController
+        from tests.energy.fake_nvml import FakeNvml
+        store = TCPStore("127.0.0.1", 0, 1, True, timeout=datetime.timedelta(seconds=60))
+        ctl = GpuController(Gate(clocks="nvml"), (0,), nvml=FakeNvml(), log=print, grace_s=0.5)
+        ctl.install()
+        ctl.lock_clocks(1005)
+        print("locked", flush=True)
+        store.get("never-set")
+        print("store returned", flush=True)
+        """
+    )
+    env = {**os.environ, "CHARLLM_FAKE_NVML_LOG": str(log), "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", child], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "locked"
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=30)
+    rest = proc.stdout.read()
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    print("exit", rc, f"after {time.monotonic() - t0:.2f} s", rest, *calls, sep="\n")
+    assert rc == 128 + signal.SIGTERM
+    assert "(watchdog)" in rest and "store returned" not in rest
+    assert calls[-1] == ["nvmlDeviceResetGpuLockedClocks", 0]
