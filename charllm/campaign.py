@@ -517,7 +517,7 @@ class Campaign(_Strict):
     description: Annotated[str, Strict(), Field(max_length=10_000)] = ""
     cluster: SafeName | ClusterProfile
     model: ModelRef
-    engine: Literal["torch", "megatron"] = "torch"
+    engine: Literal["torch", "megatron", "nemo"] = "torch"
     precision: Literal["bf16", "fp32"] = "bf16"
     backend: Annotated[str, Strict(), Field(max_length=64)] = "local"  # a kind of charllm.backends' registry
     connection_id: SafeName | None = None

@@ -285,7 +285,38 @@ MEGATRON = EngineCaps(
     ),
 )
 
-ENGINES: Mapping[str, EngineCaps] = MappingProxyType({"torch": TORCH, "megatron": MEGATRON})
+NEMO = EngineCaps(
+    name="nemo",
+    parallel=frozenset({"tp", "sequence_parallel", "pp", "pp_virtual", "dp", "ep"}),
+    families=frozenset({"gpt3", "llama3", "mixtral"}),
+    recompute=frozenset({"none", "full", "selective"}),
+    knobs=frozenset({"overlap", "distributed_optimizer"}),
+    devices=frozenset({"cuda"}),
+    lacks=_frozen(
+        {
+            "cp": "context parallelism is not mapped for engine nemo (it needs Transformer Engine's attention)",
+            "fsdp": "engine nemo maps Megatron DDP with the distributed optimizer only (NeMo's FSDP is another "
+            "strategy); use engine: megatron",
+            "compile": "torch.compile is not wired in engine nemo; use engine: torch",
+        }
+    ),
+    vocab_parallel=True,
+    pp_schedules=frozenset({"1f1b"}),
+    moe_families=frozenset({"mixtral"}),
+    notes=_frozen(
+        {
+            "engine": "NeMo 2.7.3 nemo.collections.llm GPTModel + MegatronStrategy + MegatronMixedPrecision "
+            "(charllm.nemo_config); synthetic data (MockDataModule); GPUs only; no kernel breakdown",
+            "tp": "MegatronStrategy tensor_model_parallel_size, sequence_parallel when tp > 1",
+            "pp": "MegatronStrategy pipeline_model_parallel_size (1F1B; interleaved with pp_virtual > 1)",
+            "dp": "megatron-core DDP (DistributedDataParallelConfig) and the distributed optimizer",
+            "overlap": "overlap_grad_reduce + overlap_param_gather; tp_comm_overlap where Transformer Engine imports",
+            "recompute": "GPTConfig recompute_granularity full (uniform, 1 layer) or selective (core_attn)",
+        }
+    ),
+)
+
+ENGINES: Mapping[str, EngineCaps] = MappingProxyType({"torch": TORCH, "megatron": MEGATRON, "nemo": NEMO})
 
 
 class Refusal(NamedTuple):
@@ -734,6 +765,11 @@ def engine_settings(view: CellView, transformer_engine: bool = False) -> dict[st
         return _megatron_settings(v, transformer_engine)
     if v.engine == "torch":
         return _torch_settings(v)
+    if v.engine == "nemo":
+        out = _megatron_settings(v, transformer_engine)
+        out["engine"] = "NeMo 2.7.3 (nemo.collections.llm GPTModel, MegatronStrategy), megatron-core 0.16.1"
+        out["data"] = "synthetic (NeMo MockDataModule)"
+        return out
     raise ValueError(f"unknown engine {v.engine!r}")
 
 

@@ -18,7 +18,7 @@ from charllm.modelcat import ModelShape
 from charllm.telemetry.zeus_window import ZEUS_MODES
 from charllm.train.errors import CellConfigError, EngineUnavailableError
 
-ENGINES = ("torch", "megatron")
+ENGINES = ("torch", "megatron", "nemo")
 PRECISIONS = ("bf16", "fp32")
 GPU_TYPES = ("cpu", "h100", "h200", "a100")  # a100: the campaign models allow it
 DATASET_KINDS = ("synthetic", "indexed")

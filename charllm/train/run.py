@@ -57,6 +57,10 @@ def build_engine(cell: CellSpec, denv: DistEnv, device: Any) -> Any:
         from charllm.train import engine_megatron
 
         return engine_megatron.build(cell, denv, device)
+    if cell.engine == "nemo":
+        from charllm.train import engine_nemo
+
+        return engine_nemo.build(cell, denv, device)
     from charllm.train.engine_torch import TorchEngine
 
     return TorchEngine(cell, denv, device)
@@ -179,9 +183,9 @@ class Job:
             "missed_ticks": sampler.missed_ticks,
             "rows": len(sampler.rows),
         }
-        if cell.opt.profile:
+        if cell.opt.profile and not getattr(engine, "drives_loop", False):  # nemo: its trainer owns the steps
             self._profile(engine, records[-1].step + 1, device)
-        if getattr(cell.opt, "profile_mode", "none") == "layers":  # charllm.train.layer_profile: per-layer costs
+        if getattr(cell.opt, "profile_mode", "none") == "layers" and not getattr(engine, "drives_loop", False):  # charllm.train.layer_profile: per-layer costs
             import statistics
 
             from charllm.train.layer_profile import profile_in_job
@@ -220,6 +224,8 @@ class Job:
     def _train(self, engine: Any, sampler: Any, is_gpu: bool, zeus_window: Any = None) -> list[StepRecord]:
         import torch.distributed as dist
 
+        if getattr(engine, "drives_loop", False):  # engine nemo: NeMo's trainer runs the loop, a callback keeps the clock
+            return list(engine.train(self, sampler, is_gpu, zeus_window))
         cell = self.cell
         wm = WarmupMonitor(cell.warmup)
         self.warmup = wm
