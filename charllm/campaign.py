@@ -166,6 +166,9 @@ class ClusterProfile(_Strict):
     )
     pip_args: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:/=\-]+$")]] = Field(default_factory=list)
     bootstrap_python: str = Field("python3", pattern=r"^[A-Za-z0-9_./\-]+$")
+    # engine: nemo cells run inside this container image (Slurm's pyxis: srun --container-image),
+    # e.g. nvcr.io#nvidia/nemo:25.11 or a .sqsh path; then the install stage installs no NeMo
+    nemo_container: str | None = Field(None, min_length=1, max_length=512, pattern=r"^[A-Za-z0-9_./:@#+\-]+$")
     workdir: str | None = Field(None, pattern=r"^[A-Za-z0-9_./~\-]+$")
     # extra environment for every job (values are quoted when rendered)
     env: dict[SafeName, Annotated[Text, Field(max_length=4096)]] = Field(default_factory=dict)

@@ -131,6 +131,9 @@ def render_script(
     launcher = cluster.launcher
     if launcher == "torchrun" and cell.world_size == 1:
         launcher = "python"
+    container = cluster.nemo_container if cell.engine == "nemo" else None
+    if container:  # pyxis starts one container task per rank: srun launches
+        launcher = "srun"
     return (
         templates()
         .get_template("job.sbatch.j2")
@@ -142,7 +145,9 @@ def render_script(
             gres=gres,
             tasks_per_node=tasks_per_node if launcher == "srun" else (1 if cell.nodes > 1 else tasks_per_node),
             launcher=launcher,
-            python_sh=shell_path(python or default_python(cluster)),
+            python_sh="python" if container else shell_path(python or default_python(cluster)),
+            container=container,
+            charllm_src_sh=shell_path(f"{(cluster.env_dir or 'charllm-env').rstrip('/')}/charllm-src"),
             dataset_dir_sh=dataset_dir_word(cell.dataset, data_home) if cell.dataset.get("kind") == "indexed" else None,
         )
     )

@@ -41,6 +41,16 @@ log = logging.getLogger(__name__)
 ENV_CAMPAIGN = "charllm-env"
 _PKG = Path(__file__).resolve().parent.parent  # the charllm package
 LOCK_FILE = _PKG.parent / "requirements.lock"
+#: engine: nemo's cluster-side lock (never the Airflow venv's): installed with --no-deps on top of
+#: the training environment when a campaign has nemo cells (charllm.nemo_config says why 2.7.3)
+NEMO_LOCK_FILE = _PKG.parent / "requirements-nemo.lock"
+#: what NeMo's import needs that a CUDA PyTorch image has but the training environment may not;
+#: resolved by pip (constrained by requirements.lock) before the locked NeMo set
+NEMO_BASE_PACKAGES = (
+    "transformers", "huggingface-hub", "tokenizers", "safetensors", "einops", "sentencepiece",
+    "tiktoken", "tqdm", "regex", "scikit-learn", "tensorboard", "onnx", "typer", "rich",
+)  # fmt: skip
+_NEMO_SMOKE = "import nemo, nemo.lightning; from nemo.collections import llm; print('charllm: nemo', nemo.__version__)"
 
 _SMOKE = (
     "import json, platform, torch, charllm, charllm.train; "
@@ -78,22 +88,37 @@ def lock_text() -> str:
         raise CharllmError(f"cannot read the dependency lock {LOCK_FILE}: {err}") from err
 
 
+def uses_nemo(runner: CampaignRunner) -> bool:
+    """Whether the campaign has ``engine: nemo`` cells and no container image provides NeMo."""
+    nemo = any(getattr(c, "engine", None) == "nemo" for c in runner.lc.cells)
+    return nemo and not getattr(runner.lc.cluster, "nemo_container", None)
+
+
+def nemo_lock_text() -> str:
+    try:
+        return NEMO_LOCK_FILE.read_text()
+    except OSError as err:
+        raise CharllmError(f"cannot read the NeMo lock {NEMO_LOCK_FILE}: {err}") from err
+
+
 def environment_job(runner: CampaignRunner, attempt: int = 1) -> tuple[JobSpec, str]:
     """The environment job for the runner's cluster, and its lock hash."""
     cluster = runner.lc.cluster
     env_dir = (cluster.env_dir or "charllm-env").rstrip("/") or "charllm-env"
     src = source_tarball()
     lock = lock_text()
-    key = json.dumps(
-        {
-            "lock": lock,
-            "packages": cluster.train_packages,
-            "pip": cluster.pip_args,
-            "env": env_dir,
-            "src": hashlib.sha256(src).hexdigest(),
-        },
-        sort_keys=True,
-    )
+    doc: dict[str, Any] = {
+        "lock": lock,
+        "packages": cluster.train_packages,
+        "pip": cluster.pip_args,
+        "env": env_dir,
+        "src": hashlib.sha256(src).hexdigest(),
+    }
+    nemo = uses_nemo(runner)
+    if nemo:  # only then: every other campaign keeps its key (and its built environment)
+        doc["nemo_lock"] = nemo_lock_text()
+        doc["nemo_base"] = list(NEMO_BASE_PACKAGES)
+    key = json.dumps(doc, sort_keys=True)
     lock_hash = hashlib.sha256(key.encode()).hexdigest()[:16]
     ident = JobIdentity(ENV_CAMPAIGN, f"env{lock_hash}", 0, attempt)
     gres = cluster.gres_per_node or (None if cluster.gpu_type == "cpu" else "gpu:1")
@@ -109,8 +134,13 @@ def environment_job(runner: CampaignRunner, attempt: int = 1) -> tuple[JobSpec, 
         bootstrap_python=cluster.bootstrap_python,
         gres=gres,
         smoke_cell=False,
+        nemo=nemo,
+        nemo_base=NEMO_BASE_PACKAGES,
+        nemo_smoke=_NEMO_SMOKE,
     )
     files = {"constraints.txt": lock, "charllm-src.tar.gz.b64": base64.b64encode(src).decode() + "\n"}
+    if nemo:
+        files["requirements-nemo.lock"] = nemo_lock_text()
     return JobSpec(ident, script, files), lock_hash
 
 
