@@ -89,10 +89,11 @@ def run_job(c: dict, timeout_s: float) -> tuple[int, dict | None]:
 
 def probe() -> bool:
     code = (
-        "import json, torch, lightning, megatron.core as mc, nemo; "
-        "from nemo.collections import llm; from nemo import lightning as nl; "
-        "import zeus; print(json.dumps({'nemo': nemo.__version__, 'megatron_core': mc.__version__, "
-        "'lightning': lightning.__version__, 'torch': torch.__version__, 'zeus': zeus.__version__, "
+        "import json, torch, lightning, megatron.core as mc, nemo\n"
+        "from nemo.collections import llm\nfrom nemo import lightning as nl\n"
+        "zv = None\ntry:\n    import zeus; zv = zeus.__version__\nexcept Exception as e:\n    zv = repr(e)\n"
+        "print(json.dumps({'nemo': nemo.__version__, 'megatron_core': mc.__version__, "
+        "'lightning': lightning.__version__, 'torch': torch.__version__, 'zeus': zv, "
         "'llm': hasattr(llm, 'GPTModel') and hasattr(llm, 'MockDataModule'), 'nl': hasattr(nl, 'MegatronStrategy')}))"
     )
     t0 = time.time()
