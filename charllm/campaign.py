@@ -696,6 +696,7 @@ class Cell(_Strict):
             pp_partition=par.pp_partition,
             profile_mode=str(self.opt.get("profile_mode", "none")),
             frequency_plan=bool(((self.gpu_control or {}).get("request") or {}).get("frequency_plan")),
+            dataset=str((self.dataset or {}).get("kind", "synthetic")),
             precision=self.precision,
             micro_batch=self.micro_batch,
             global_batch=self.global_batch,

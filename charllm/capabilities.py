@@ -77,12 +77,13 @@ FEATURES: Mapping[str, str] = MappingProxyType(
         "profile:layers": "per-layer profiling (profile: layers)",
         "profile:instructions": "per-instruction pipeline timelines (profile: instructions)",
         "frequency_plan": "per-instruction SM clocks from a Perseus frequency plan (frequency_plan)",
+        "indexed_data": "a prepared indexed dataset (dataset kind: indexed)",
     }
 )
 
 # the cell field a feature is asked for by (the refusal's field)
 _FIELD = {"recompute": "recompute", "family": "model", "offload": "offload_alpha", "profile": "profile"}
-_FIELD.update({"zero": "zero", "interconnect": "interconnect"})
+_FIELD.update({"zero": "zero", "interconnect": "interconnect", "indexed_data": "dataset"})
 
 
 def _field_of(feature: str) -> str:
@@ -163,6 +164,7 @@ TORCH = EngineCaps(
             "zero:3",
             "cpu_offload",
             "interconnect:pcie",
+            "indexed_data",
             "pp_partition",
             "profile:layers",
             "profile:instructions",
@@ -231,7 +233,9 @@ MEGATRON = EngineCaps(
     parallel=frozenset({"tp", "sequence_parallel", "pp", "pp_virtual", "dp", "ep", "fsdp"}),
     families=frozenset({"gpt3", "llama3", "mixtral"}),
     recompute=frozenset({"none", "full", "selective"}),
-    knobs=frozenset({"overlap", "distributed_optimizer", "recompute_layers", "zero:1", "interconnect:pcie"}),
+    knobs=frozenset(
+        {"overlap", "distributed_optimizer", "recompute_layers", "zero:1", "interconnect:pcie", "indexed_data"}
+    ),
     devices=frozenset({"cpu", "cuda"}),
     lacks=_frozen(
         {
@@ -298,6 +302,8 @@ NEMO = EngineCaps(
             "fsdp": "engine nemo maps Megatron DDP with the distributed optimizer only (NeMo's FSDP is another "
             "strategy); use engine: megatron",
             "compile": "torch.compile is not wired in engine nemo; use engine: torch",
+            "indexed_data": "engine nemo reads synthetic tokens only (charllm's indexed format is not NeMo's "
+            ".bin/.idx); use dataset kind synthetic",
         }
     ),
     vocab_parallel=True,
@@ -361,6 +367,7 @@ class CellView:
     pp_schedule: str = "1f1b"
     profile_mode: str = "none"  # none | layers | instructions
     frequency_plan: bool = False  # a per-instruction clock plan (gpu_control.request.frequency_plan)
+    dataset: str = "synthetic"  # the dataset kind: synthetic | indexed
     precision: str = "bf16"
     micro_batch: int = 1
     global_batch: int = 1
@@ -410,6 +417,8 @@ class CellView:
             out.append("profile:instructions")
         if self.frequency_plan:
             out.append("frequency_plan")
+        if self.dataset == "indexed":
+            out.append("indexed_data")
         return out
 
 
@@ -732,6 +741,7 @@ def spec_view(cell: CellSpec, device_type: str | None = None) -> CellView:
         pp_schedule=o.pp_schedule,
         profile_mode=o.profile_mode,
         frequency_plan=bool(((cell.extra.get("gpu_control") or {}).get("request") or {}).get("frequency_plan")),
+        dataset=cell.dataset.kind,
         precision=cell.precision,
         micro_batch=cell.micro_batch,
         global_batch=cell.global_batch,

@@ -127,10 +127,17 @@ def test_nemo_engine_table_refuses_what_it_lacks():
 
     base = dict(engine="nemo", device="cuda", model=get("gpt3-1.3b"), global_batch=8, seq_len=2048)
     assert capabilities.refusals(capabilities.CellView(**base)) == []
-    for extra, fld in (({"cp": 2}, "cp"), ({"dp": 2, "fsdp": True}, "fsdp"), ({"compile": True}, "compile")):
+    for extra, fld in (
+        ({"cp": 2}, "cp"),
+        ({"dp": 2, "fsdp": True}, "fsdp"),
+        ({"compile": True}, "compile"),
+        ({"dataset": "indexed"}, "dataset"),
+    ):
         r = capabilities.refusals(capabilities.CellView(**{**base, **extra}))
         assert [x.field for x in r] == [fld], r
         print(fld, "->", r[0])
+    for engine in ("torch", "megatron"):  # the other engines keep reading indexed data
+        assert capabilities.refusals(capabilities.CellView(**{**base, "engine": engine, "dataset": "indexed"})) == []
     r = capabilities.refusals(capabilities.CellView(**{**base, "device": "cpu"}))
     assert r and "does not run on cpu" in r[0].reason
 
