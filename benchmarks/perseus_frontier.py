@@ -12,11 +12,14 @@ printed too. Prints ours, the paper's, the difference, and the blocking power ma
 
 Part 2 (about 20 s a row at 12 micro batches, minutes at 48/96): our planner (lowtime's
 min-cut frontier) on the published profiles (default: A100-SXM, GPT-3 175B and Bloom, 12 micro
-batches; the A40 frontiers step 0.1 ms, ten times the iterations): minimum iteration time, the
-intrinsic saving with and without the blocking energy, and how far our frontier's energies are
-from the published frontier's at equal times.
+batches; an A40 row, 0.1 ms steps, takes about 2.5 minutes at 12 micro batches): minimum
+iteration time, the intrinsic saving (our frontier's fitted and profiled energy), and how far our
+frontier's energies are from the published frontier's at equal times. Planning an A40 row at the
+fitted blocking power, then at another (``--a40-p2p``), tests the inferred value independently:
+the published A40 frontier energies depend on the power the authors planned with.
 
     .venv/bin/python benchmarks/perseus_frontier.py [--data DIR] [--rows none|model:gpu:m,...] [--json OUT]
+        [--a40-p2p W]   # plan the A40 rows at W instead of the fitted blocking power
 
 Data: ``--data``, else ``$CHARLLM_PERSEUS_DATA``, else ``../shared/data/perseus-sosp24`` beside the checkout.
 """
@@ -123,6 +126,7 @@ def main() -> int:
         help="rows to plan, model:gpu:micro_batches comma-separated, or none (A40 rows: 0.1 ms steps, slow)",
     )
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--a40-p2p", type=float, help="plan the A40 rows at this blocking power (default: the fitted one)")
     args = ap.parse_args()
     rows, p2p = table6(args.data)
     print(
@@ -148,7 +152,8 @@ def main() -> int:
     if args.rows != "none":
         todo = [(mo, dev, int(m)) for mo, dev, m in (r.split(":") for r in args.rows.split(","))]
         for mo, dev, m in todo:
-            r = plan_row(args.data, mo, dev, m, p2p[dev])
+            w = args.a40_p2p if dev == "a40" and args.a40_p2p is not None else p2p[dev]
+            r = plan_row(args.data, mo, dev, m, w)
             planned.append(r)
             print(f"planner {mo} {dev} m={m} at {r['p2p_w']} W: {r['points']} points ({r['published_points']} "
                   f"published) in {r['seconds']:.1f} s; min time {r['min_time_s']:.4f} s (published "

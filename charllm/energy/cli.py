@@ -5,8 +5,9 @@ per-rank timelines + NVML energy, :mod:`.runprofile`) or ``--profile stage_profi
 (Zeus's schema, e.g. the Perseus artifact's). Writes into ``--out`` (default
 ``$CHARLLM_HOME/energy-plan/<cell>``): ``stage_profile.csv`` (when built from the run),
 ``frontier.csv`` (``time,energy,energy_profiled``), ``plans.jsonl`` (every frontier point's
-frequency per instruction), ``summary.json`` (minimum iteration time, all-maximum baseline,
-intrinsic saving), ``frontier.png`` and ``timeline.png`` (the minimum-time plan's Gantt
+frequency per instruction, slowest first; a cell runs one with ``frequency_plan:
+energy-plan/<cell>/plans.jsonl[@point]``, :mod:`.freqplan`), ``summary.json`` (minimum iteration
+time, all-maximum baseline, intrinsic saving in the paper's Table 6 accounting), ``frontier.png`` and ``timeline.png`` (the minimum-time plan's Gantt
 chart, coloured by power). Needs ``lowtime`` (``pip install 'charllm[energy]'``).
 """
 
