@@ -39,6 +39,7 @@ from pydantic_core import PydanticCustomError
 from charllm import capabilities, modelcat
 from charllm.capabilities import CellView, Refusal
 from charllm.errors import ConfigError
+from charllm.paths import path_under  # noqa: F401  (re-exported: campaign.path_under)
 from charllm.shell import has_control, is_safe_name
 from charllm.yamlload import load_yaml_file
 
@@ -818,15 +819,6 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(str(path), "(top level)", "expected a mapping of fields")
     return data
-
-
-def path_under(root: Path, *parts: str) -> Path:
-    """``root/parts...``, proven to stay under ``root`` (resolved, symlinks followed); ConfigError otherwise."""
-    base = root.resolve()
-    path = base.joinpath(*parts).resolve()
-    if not path.is_relative_to(base):
-        raise ConfigError(str(root), "/".join(parts), f"the path leaves its folder {base} (resolves to {path})")
-    return path
 
 
 def clusters_dir(campaign_path: Path) -> Path:

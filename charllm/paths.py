@@ -35,3 +35,14 @@ def file_sha256(path: Path) -> str:
 def catalog_url() -> str:
     """SQLAlchemy URL of the results catalog (``CHARLLM_CATALOG_URL``; SQLite by default)."""
     return os.environ.get("CHARLLM_CATALOG_URL") or f"sqlite:///{home() / 'catalog.db'}"
+
+
+def path_under(root: Path, *parts: str) -> Path:
+    """``root/parts...``, proven to stay under ``root`` (resolved, symlinks followed); ConfigError otherwise."""
+    from charllm.errors import ConfigError
+
+    base = root.resolve()
+    path = base.joinpath(*parts).resolve()
+    if not path.is_relative_to(base):
+        raise ConfigError(str(root), "/".join(parts), f"the path leaves its folder {base} (resolves to {path})")
+    return path

@@ -163,9 +163,9 @@ def job_spec(
     script = render_script(cell, cluster, ident, python, data_home)
     cell_json = json.dumps(cell.job_config(ident.repeat), indent=2, sort_keys=True)
     from charllm import paths
-    from charllm.energy.freqplan import job_file
+    from charllm.energy.control import plan_job_file
 
-    plan = job_file(cell, data_home if data_home is not None else paths.home())  # frequency_plan.json, if any
+    plan = plan_job_file(cell, data_home if data_home is not None else paths.home())  # frequency_plan.json, if any
     return JobSpec(
         identity=ident,
         script=script,

@@ -31,6 +31,7 @@ import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -335,3 +336,20 @@ def job_control(
             yield c
 
     return ctl()
+
+
+def plan_job_file(cell: Any, home: Path) -> dict[str, str]:
+    """``{"frequency_plan.json": text}`` for a cell whose allowed clock request names a plan; else ``{}``
+    (the plan resolved under the results home ``home`` and checked against the cell's pipeline)."""
+    import json
+
+    from charllm.energy.freqplan import JOB_FILE, resolve
+
+    extra = {"gpu_control": getattr(cell, "gpu_control", None)}
+    if not extra["gpu_control"]:
+        return {}
+    gate, req = request_of(extra)
+    if req.frequency_plan is None or skip_reason(gate, req) is not None:
+        return {}  # nothing asked, or the job ends skipped without reading it
+    plan = resolve(req.frequency_plan, home, cell.parallel.pp, cell.grad_accum)
+    return {JOB_FILE: json.dumps(plan.to_json()) + "\n"}

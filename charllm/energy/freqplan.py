@@ -145,7 +145,7 @@ def _num(v: Any) -> float | None:
 
 def resolve(ref: str, home: Path, pp: int, micro_batches: int) -> FrequencyPlan:
     """The plan a cell names, read from under ``home`` (never outside it) and checked against the cell."""
-    from charllm.campaign import path_under
+    from charllm.paths import path_under
 
     try:
         rel, point = parse_ref(ref)
@@ -158,23 +158,9 @@ def resolve(ref: str, home: Path, pp: int, micro_batches: int) -> FrequencyPlan:
     return plan
 
 
-def job_file(cell: Any, home: Path) -> dict[str, str]:
-    """``{"frequency_plan.json": text}`` for a cell whose allowed clock request names a plan; else ``{}``."""
-    from charllm.energy.control import request_of, skip_reason
-
-    extra = {"gpu_control": getattr(cell, "gpu_control", None)}
-    if not extra["gpu_control"]:
-        return {}
-    gate, req = request_of(extra)
-    if req.frequency_plan is None or skip_reason(gate, req) is not None:
-        return {}  # nothing asked, or the job ends skipped without reading it
-    plan = resolve(req.frequency_plan, home, cell.parallel.pp, cell.grad_accum)
-    return {JOB_FILE: json.dumps(plan.to_json()) + "\n"}
-
-
 def load_job_plan(folder: Path, ref: str) -> FrequencyPlan:
     """The plan shipped beside the job's ``cell.json`` (:data:`JOB_FILE`)."""
-    from charllm.campaign import path_under
+    from charllm.paths import path_under
 
     path = path_under(folder, JOB_FILE)
     try:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from charllm.energy import freqplan
+from charllm.energy import control, freqplan
 from charllm.energy.attribution import read_timeline
 from charllm.energy.planner import onef1b_order
 from charllm.errors import ConfigError
@@ -76,8 +76,8 @@ def test_plan_reference_resolution(tmp_path: Path) -> None:
         gc = {"clocks": clocks, "power_limit": "deny", "request": {"frequency_plan": ref}}
         return types.SimpleNamespace(gpu_control=gc, parallel=types.SimpleNamespace(pp=PP), grad_accum=M)
 
-    assert freqplan.job_file(cell("deny"), home) == {}
-    shipped = json.loads(freqplan.job_file(cell("nvml"), home)[freqplan.JOB_FILE])
+    assert control.plan_job_file(cell("deny"), home) == {}
+    shipped = json.loads(control.plan_job_file(cell("nvml"), home)[freqplan.JOB_FILE])
     assert shipped["source"] == ref and len(shipped["plan"]) == 2 * PP * M
 
     # the campaign schema: typed and bounded at load time
