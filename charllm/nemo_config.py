@@ -4,7 +4,7 @@
 plugin, optimizer, model config and data module from :func:`nemo_config`; the same dict is
 what ``tests/golden/nemo/*.json`` hold for representative paper cells and what
 ``docs/nemo.md`` explains field by field against CharLLM-PPT's NeMo YAML. Keys are the
-keyword arguments of the NeMo 2.7 / megatron-core 0.16 classes they feed:
+keyword arguments of the NeMo 2.7 / megatron-core 0.15 classes they feed:
 
 - ``strategy``: ``nemo.lightning.MegatronStrategy``
 - ``ddp``: ``megatron.core.distributed.DistributedDataParallelConfig`` (the strategy's ``ddp``)
@@ -17,8 +17,9 @@ keyword arguments of the NeMo 2.7 / megatron-core 0.16 classes they feed:
 Why NeMo 2.7.3: it is the last release line of ``nemo-toolkit`` that ships the LLM collection
 (``nemo.collections.llm``: ``GPTModel``, ``GPTConfig``, ``MockDataModule``, ``llm.pretrain``);
 3.0.0 (2026-08) removed it (the wheel holds no ``nemo/collections/llm``), the LLM recipes having
-moved to Megatron-Bridge. 2.7.3 imports with megatron-core 0.16.1, the version the megatron
-engine pins, so both engines run the same Megatron code (``requirements-nemo.lock``).
+moved to Megatron-Bridge. It trains with megatron-core 0.15.3, not the megatron engine's 0.16.1:
+2.7.3 calls ``get_megatron_optimizer(no_weight_decay_cond=...)``, removed in 0.16 (found by
+running NeMo's trainer on a tiny cell on CPU; ``requirements-nemo.lock`` says more).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 
 #: the pinned release (requirements-nemo.lock)
 NEMO_VERSION = "2.7.3"
-MEGATRON_CORE_VERSION = "0.16.1"
+MEGATRON_CORE_VERSION = "0.15.3"  # not engine megatron's 0.16.1: see requirements-nemo.lock
 # the same optimiser numbers as the megatron engine (charllm.train.engine_megatron)
 ADAM_BETAS = (0.9, 0.95)
 ADAM_EPS = 1e-8
@@ -83,6 +84,9 @@ def nemo_config(cell: Any) -> dict[str, Any]:
         "pipeline_dtype": dtype if pp > 1 else None,
         "ckpt_load_optimizer": False,
         "ckpt_save_optimizer": False,
+        # NeMo 2.7.3's async checkpoint IO imports megatron-core's tensorstore strategy, gone in
+        # 0.16; created lazily (at teardown too), it failed every run's end; no checkpoints anyway
+        "ckpt_async_save": False,
         "setup_optimizers": True,
     }
     ddp = {

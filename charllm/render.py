@@ -81,6 +81,11 @@ def default_python(cluster: ClusterProfile) -> str:
     return sys.executable
 
 
+def nemo_env_dir(cluster: ClusterProfile) -> str:
+    """engine nemo's environment beside the training one (``<env_dir>-nemo``: its megatron-core differs)."""
+    return f"{(cluster.env_dir or 'charllm-env').rstrip('/')}-nemo"
+
+
 def shell_path(path: str) -> str:
     """A path as one shell word; a relative path is taken from the user's home (``$HOME``)."""
     if path.startswith("/"):
@@ -134,6 +139,8 @@ def render_script(
     container = cluster.nemo_container if cell.engine == "nemo" else None
     if container:  # pyxis starts one container task per rank: srun launches
         launcher = "srun"
+    elif cell.engine == "nemo" and python is None and cluster.env_dir:
+        python = f"{nemo_env_dir(cluster)}/bin/python"  # the install stage's NeMo environment
     return (
         templates()
         .get_template("job.sbatch.j2")

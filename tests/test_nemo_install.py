@@ -47,8 +47,10 @@ def test_install_stage_adds_the_nemo_lock_only_for_nemo_campaigns(nemo_campaign)
     assert spec1.files["requirements-nemo.lock"] == (REPO / "requirements-nemo.lock").read_text()
     assert "--no-deps -r requirements-nemo.lock" in spec1.script
     assert "from nemo.collections import llm" in spec1.script  # the smoke import
+    env = (cluster.env_dir or "charllm-env").rstrip("/")
+    assert f"{env}-nemo" in spec1.script and f"{env}-nemo" not in spec0.script  # its own environment
     lock = (REPO / "requirements-nemo.lock").read_text()
-    assert "nemo-toolkit==2.7.3" in lock and "megatron-core==0.16.1" in lock
+    assert "nemo-toolkit==2.7.3" in lock and "megatron-core==0.15.3" in lock  # NeMo 2.7.3 needs < 0.16
     # the same campaign again: the same key (skipped when built); a container image: no NeMo install
     assert jobs.environment_job(_runner(cluster, nemo_campaign.cells))[1] == key1
     boxed = cluster.model_copy(update={"nemo_container": "nvcr.io#nvidia/nemo:25.11"})
@@ -69,8 +71,9 @@ def test_nemo_container_is_typed_and_bounded() -> None:
 def test_nemo_cells_run_in_the_container(nemo_campaign) -> None:
     cell = nemo_campaign.cells[0]
     ident = JobIdentity("ppt_small_nemo", cell.cell_id, 0, 1)
-    plain = render_script(cell, nemo_campaign.cluster, ident)
+    plain = render_script(cell, nemo_campaign.cluster.model_copy(update={"env_dir": "envs/charllm"}), ident)
     assert "--container-image" not in plain
+    assert '"$HOME"/envs/charllm-nemo/bin/python -m charllm.train' in plain  # the install stage's NeMo environment
     boxed = nemo_campaign.cluster.model_copy(update={"nemo_container": "nvcr.io#nvidia/nemo:25.11"})
     script = render_script(cell, boxed, ident)
     line = next(ln for ln in script.splitlines() if "--container-image" in ln)

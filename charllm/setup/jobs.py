@@ -116,6 +116,10 @@ def environment_job(runner: CampaignRunner, attempt: int = 1) -> tuple[JobSpec, 
     }
     nemo = uses_nemo(runner)
     if nemo:  # only then: every other campaign keeps its key (and its built environment)
+        from charllm.render import nemo_env_dir
+
+        env_dir = nemo_env_dir(cluster)  # its own environment: NeMo pins another megatron-core
+        doc["env"] = env_dir
         doc["nemo_lock"] = nemo_lock_text()
         doc["nemo_base"] = list(NEMO_BASE_PACKAGES)
     key = json.dumps(doc, sort_keys=True)

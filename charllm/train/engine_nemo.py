@@ -1,6 +1,7 @@
 """The NeMo engine (``engine: nemo``): the cell trained by NeMo 2.7's LLM collection.
 
-NeMo's Lightning trainer runs the training loop; charllm keeps the clock. The job
+NeMo's Lightning trainer runs the training loop; charllm keeps the clock. NeMo 2.7.3 trains
+with megatron-core 0.15.3 (its own environment, ``requirements-nemo.lock``), not 0.16.1. The job
 (:class:`charllm.train.run.Job`) starts the NVML sampler and the Zeus window exactly as for
 the other engines and hands them to :meth:`NemoEngine.train`, which builds, from
 :func:`charllm.nemo_config.nemo_config` (the torch-free mapping, golden-tested):
@@ -18,7 +19,8 @@ the other engines and hands them to :meth:`NemoEngine.train`, which builds, from
   (:mod:`charllm.train.megatron_spec`, the megatron engine's), since NeMo's own fallback uses
   an unfused attention that materialises the s x s scores;
 - ``nemo.collections.llm.MockDataModule`` (synthetic tokens; indexed data is refused in the
-  capability table) with a vocabulary-only tokenizer (:class:`VocabTokenizer`);
+  capability table) with a vocabulary-only tokenizer (:class:`VocabTokenizer`), its datasets
+  built with the attention mask NeMo's forward step needs without TE (:func:`_mock_data_module`);
 - ``nemo.lightning.Trainer`` with :class:`StepBoundaries` as a callback, no logger, no
   checkpoints, no validation.
 
@@ -79,6 +81,11 @@ class StepBoundaries:
         self.prev_end: float | None = None
         self.zeus_totals: dict[str, float] = {}
         self.done = False
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> StepBoundaries:
+        # nl.Trainer deep-copies its arguments into its config record (nemo.lightning.io); this
+        # callback holds the job's live sampler, Zeus window and engine: it is the same callback
+        return self
 
     # -- Lightning hooks ---------------------------------------------------------------
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -148,6 +155,30 @@ def lightning_callback(boundaries: StepBoundaries) -> Any:
 
     boundaries.__class__ = type("StepBoundariesCallback", (StepBoundaries, pl.Callback), {})
     return boundaries
+
+
+def _mock_data_module(llm: Any) -> Any:
+    """NeMo's ``MockDataModule`` with its datasets built as NeMo 2.7.3 meant to.
+
+    2.7.3's ``MockDataModule.setup`` passes ``create_attention_mask`` positionally into
+    ``_MockGPTDataset``'s ``seed`` slot, so no batch ever carries the attention mask, and
+    without Transformer Engine NeMo's GPT forward step refuses a batch without one (seen on
+    CPU: "The dataloader did not provide an attention mask"). Same datasets, keyword passed.
+    """
+    from nemo.collections.llm.gpt.data.mock import _MockGPTDataset
+
+    class MockDataModule(llm.MockDataModule):  # type: ignore[misc,name-defined]
+        def setup(self, stage: str = "") -> None:
+            def ds(name: str, n: int) -> Any:
+                return _MockGPTDataset(
+                    self.tokenizer, name, n, self.seq_length, create_attention_mask=self.create_attention_mask
+                )
+
+            self._train_ds = ds("train", self.num_train_samples)
+            self._validation_ds = ds("valid", self.num_val_samples)
+            self._test_ds = ds("test", self.num_test_samples)
+
+    return MockDataModule
 
 
 def _import_nemo() -> Any:
@@ -261,10 +292,11 @@ class NemoEngine:
             m["transformer_layer_spec"] = spec
         tokenizer = VocabTokenizer(vocab)
         model = llm.GPTModel(llm.GPTConfig(**m), optim=optim, tokenizer=tokenizer)
-        data = llm.MockDataModule(tokenizer=tokenizer, **c["data"])
-        # MockDataModule builds an s x s mask per sample whenever TE is missing; charllm's SDPA
-        # core attention is causal by itself and ignores it (as the megatron engine passes none)
-        data.create_attention_mask = bool(c["data"]["create_attention_mask"])
+        data = _mock_data_module(llm)(tokenizer=tokenizer, **c["data"])
+        # without TE, NeMo's GPT data step insists on an s x s attention mask in every batch;
+        # charllm's SDPA core attention is causal by itself and ignores it (the megatron engine
+        # passes none): the mask costs its host-to-device copy only
+        data.create_attention_mask = bool(c["data"]["create_attention_mask"]) or not self.te
         t = dict(c["trainer"])
         import torch
 
@@ -291,6 +323,15 @@ class NemoEngine:
         trainer, model, data = self.build([self.callback(boundaries)])
         self._model = model
         torch.manual_seed(self.cell.seed)
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            # NeMo 2.7.3's MegatronStrategy.setup_distributed returns early when the process group
+            # exists, before it initialises megatron's model-parallel groups and its data sampler:
+            # hand the group over to it (it makes the same one from the launcher's environment);
+            # the job's collectives after fit() run on NeMo's group
+            dist.barrier()
+            dist.destroy_process_group()
         trainer.fit(model, data)
         job.zeus_totals = boundaries.zeus_totals
         if not boundaries.done:

@@ -41,6 +41,10 @@ class MinimalTrainer:
         self.steps_run = 0
 
     def fit(self, model: Any, data: Any) -> None:
+        # NeMo's MegatronStrategy creates the process group itself (the engine hands the job's
+        # over, else NeMo skips its model-parallel setup); this trainer does the same, one rank
+        self.group_existed_at_fit = dist.is_initialized()
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         w = torch.randn(256, 256)
         for cb in self.callbacks:
             cb.on_train_start(self, model)
@@ -120,6 +124,7 @@ def test_step_boundaries_drive_the_job_outputs(tmp_path: Path, monkeypatch: pyte
     # the warm-up ends once 3 steps of 0.12 s agree within 10 % (the 0.30 s first step is out of the window)
     assert 2 <= n_warm <= 6 and phases[n_warm:] == ["measure"] * 4, phases
     assert eng.trainer.steps_run == len(rows) and eng.trainer.should_stop  # the callback stopped the trainer
+    assert not eng.trainer.group_existed_at_fit  # the job's process group was handed over to the trainer
     starts = [float(r["start_unix_s"]) for r in rows]
     ends = [float(r["end_unix_s"]) for r in rows]
     assert all(abs(s - e) < 1e-9 for s, e in zip(starts[1:], ends[:-1], strict=True)), "steps tile the run"

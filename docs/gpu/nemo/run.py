@@ -72,7 +72,10 @@ def run_job(c: dict, timeout_s: float) -> tuple[int, dict | None]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "cell.json").write_text(json.dumps(c, indent=1))
     cmd = [sys.executable, "-m", "charllm.train", "--cell", str(out / "cell.json"), "--out", str(out)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    # engine nemo: megatron-core 0.15.3 (NeMo 2.7.3's) ahead of engine megatron's 0.16.1
+    first = os.environ.get("CHARLLM_NEMO_PYTHONPATH", "") if c["engine"] == "nemo" else ""
+    path = ":".join(p for p in (first, str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
     t0 = time.time()
     try:
         p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
@@ -97,7 +100,9 @@ def probe() -> bool:
         "'llm': hasattr(llm, 'GPTModel') and hasattr(llm, 'MockDataModule'), 'nl': hasattr(nl, 'MegatronStrategy')}))"
     )
     t0 = time.time()
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    path = ":".join(p for p in (os.environ.get("CHARLLM_NEMO_PYTHONPATH", ""), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     log(f"import probe: rc {p.returncode} in {time.time() - t0:.0f} s: {p.stdout.strip().splitlines()[-1:]}")
     if p.returncode:
         log(p.stderr[-4000:])
