@@ -118,7 +118,7 @@ def main() -> int:
     results = {}
     if ok:
         for engine in ("megatron", "nemo"):
-            _, results[engine] = run_job(cell(engine), timeout_s=280 if engine == "nemo" else 200)
+            _, results[engine] = run_job(cell(engine), timeout_s=200 if engine == "nemo" else 150)
     keys = ("step_time_median_s", "step_time_p10_s", "step_time_p90_s", "tokens_per_s", "mfu", "energy_per_step_j",
             "avg_power_w", "samples_per_s_per_mj", "zeus_gpu_energy_j", "telemetry_samples", "loss_first", "loss_last",
             "max_memory_allocated_bytes", "measured_steps")  # fmt: skip
