@@ -41,9 +41,7 @@ INTERCONNECTS = ("native", "pcie")
 #: what ``interconnect: pcie`` sets in the job's environment (before NCCL initialises): no
 #: peer-to-peer over NVLink, no NVLink SHARP, no CUDA-IPC-style shared buffers, so traffic between
 #: GPUs of a node goes through host memory as on a PCIe-only machine
-PCIE_ENV: Mapping[str, str] = MappingProxyType(
-    {"NCCL_P2P_DISABLE": "1", "NCCL_NVLS_ENABLE": "0"}
-)
+PCIE_ENV: Mapping[str, str] = MappingProxyType({"NCCL_P2P_DISABLE": "1", "NCCL_NVLS_ENABLE": "0"})
 PP_SCHEDULES = ("gpipe", "1f1b")
 # charllm.train.model.VOCAB_PAD: embedding and output rows are padded to a multiple of it
 VOCAB_PAD = 128

@@ -20,6 +20,9 @@ import yaml
 
 from charllm.campaign import load_campaign
 from charllm.catalog import Catalog
+from charllm.errors import CharllmError, ConfigError
+from charllm.paths import include_dir
+from charllm.runner import CampaignRunner
 from charllm.setup.dataprep import (
     BYTES_EOD,
     INDEX_MAGIC,
@@ -28,9 +31,6 @@ from charllm.setup.dataprep import (
     IndexedTokens,
     prepare,
 )
-from charllm.errors import CharllmError, ConfigError
-from charllm.paths import include_dir
-from charllm.runner import CampaignRunner
 from tests.train.conftest import launch, make_cell
 
 REPO = Path(__file__).resolve().parent.parent

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from charllm.setup import jobs as envsetup
 from charllm.render import shell_path
+from charllm.setup import jobs as envsetup
 
 
 def test_source_tarball_is_byte_identical_across_clock_changes(monkeypatch: pytest.MonkeyPatch) -> None:

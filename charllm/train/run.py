@@ -185,7 +185,9 @@ class Job:
         }
         if cell.opt.profile and not getattr(engine, "drives_loop", False):  # nemo: its trainer owns the steps
             self._profile(engine, records[-1].step + 1, device)
-        if getattr(cell.opt, "profile_mode", "none") == "layers" and not getattr(engine, "drives_loop", False):  # charllm.train.layer_profile: per-layer costs
+        if getattr(cell.opt, "profile_mode", "none") == "layers" and not getattr(
+            engine, "drives_loop", False
+        ):  # charllm.train.layer_profile: per-layer costs
             import statistics
 
             from charllm.train.layer_profile import profile_in_job
@@ -224,7 +226,9 @@ class Job:
     def _train(self, engine: Any, sampler: Any, is_gpu: bool, zeus_window: Any = None) -> list[StepRecord]:
         import torch.distributed as dist
 
-        if getattr(engine, "drives_loop", False):  # engine nemo: NeMo's trainer runs the loop, a callback keeps the clock
+        if getattr(
+            engine, "drives_loop", False
+        ):  # engine nemo: NeMo's trainer runs the loop, a callback keeps the clock
             return list(engine.train(self, sampler, is_gpu, zeus_window))
         cell = self.cell
         wm = WarmupMonitor(cell.warmup)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from charllm.campaign import ReferenceBand
 from charllm.analysis.reference import campaign_settings, check_references, violations, write_report
+from charllm.campaign import ReferenceBand
 
 HOT = "gpt3-1.3b-tp1pp1dp1-*"
 

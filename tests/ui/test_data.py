@@ -45,7 +45,14 @@ def test_matrix_rows_repeats_and_metrics():
     assert e is not None and e.status == "ok"
     assert e.metrics["tokens_per_s_per_gpu"] == 400.0 and e.metrics["mfu"] == 40.0
     assert math.isnan(e.metrics["peak_gpu_temp_c"])
-    assert m.counts == {"ok": 2, "oom": 1, "skipped": 0, "failed": 0, "running": 0, "not run": 1}  # r1 is no one's repeat
+    assert m.counts == {
+        "ok": 2,
+        "oom": 1,
+        "skipped": 0,
+        "failed": 0,
+        "running": 0,
+        "not run": 1,
+    }  # r1 is no one's repeat
     nightly = CampaignInfo(name="x", repeats=1, schedule="0 2 * * *", nightly_cells="tw*", cells=info.cells)
     m = build_matrix(nightly, [_a("aaaaaaaa", 2, 1)])
     assert [e.expected for e in m.rows[0].entries] == [True, False, False]  # r2 shown: it has an attempt
