@@ -262,15 +262,7 @@ def main_home(args: argparse.Namespace) -> int:
     table.to_csv(out / "sweep_table.csv", index=False)
     (out / "sweep_table.md").write_text(fk.kwai_table_markdown(table))
     paths += fk.kwai_table_figure(runner, out, f"{title}: recompute modes (charllm run, 20 measured steps)")
-    numbers: dict[str, Any] = {"fits": {}}
-    fit = pd.read_csv(out / "memory_alpha.csv")
-    for mode, g in fit.groupby("recompute_mode"):
-        numbers["fits"][mode] = {
-            "r2": float(g["fit_r2"].iloc[0]),
-            "slope_gib_per_alpha": float(g["fit_slope_per_alpha"].iloc[0]),
-            "ok_alphas": sorted(g.loc[g["outcome"] == "ok", "offload_alpha"].tolist()),
-            "oom_alphas": sorted(g.loc[g["outcome"] == "oom", "offload_alpha"].tolist()),
-        }
+    numbers: dict[str, Any] = {"fits": fit_numbers(out, lambda o: o == "oom")}
     tx = [float(x) for x in sweep.get("pcie_tx_over_offload", pd.Series(dtype=float)).dropna()]
     rx = [float(x) for x in sweep.get("pcie_rx_over_fetch", pd.Series(dtype=float)).dropna()]
     numbers["pcie_tx_over_offload"] = {"min": min(tx), "max": max(tx), "cells": len(tx)} if tx else None
@@ -288,6 +280,21 @@ def main_home(args: argparse.Namespace) -> int:
     show["loss"] = {k: v for k, v in numbers["loss"].items() if not k.endswith(("_losses", "_step_s"))}
     print(json.dumps(show, indent=1, default=str))
     return 0
+
+
+def fit_numbers(out: Path, is_oom: Any) -> dict[str, Any]:
+    """Per recompute mode: the memory-vs-alpha fit (R^2, slope) and the alphas that ran and ran out
+    of memory, from the ``memory_alpha.csv`` the figure wrote (``is_oom``: outcome -> bool)."""
+    fits: dict[str, Any] = {}
+    fit = pd.read_csv(out / "memory_alpha.csv")
+    for mode, g in fit.groupby("recompute_mode"):
+        fits[str(mode)] = {
+            "r2": float(g["fit_r2"].iloc[0]),
+            "slope_gib_per_alpha": float(g["fit_slope_per_alpha"].iloc[0]),
+            "ok_alphas": sorted(g.loc[g["outcome"] == "ok", "offload_alpha"].tolist()),
+            "oom_alphas": sorted(g.loc[g["outcome"].map(is_oom), "offload_alpha"].tolist()),
+        }
+    return fits
 
 
 def main() -> int:
@@ -322,15 +329,7 @@ def main() -> int:
     table["pcie_tx_over_offload"] = sweep.set_index("cell_name").loc[table["cell_name"], "pcie_tx_over_offload"].values
     table.to_csv(out / "sweep_table.csv", index=False)
     (out / "sweep_table.md").write_text(fk.kwai_table_markdown(table))
-    numbers: dict[str, Any] = {"fits": {}}
-    fit = pd.read_csv(out / "memory_alpha.csv")
-    for mode, g in fit.groupby("recompute_mode"):
-        numbers["fits"][mode] = {
-            "r2": float(g["fit_r2"].iloc[0]),
-            "slope_gib_per_alpha": float(g["fit_slope_per_alpha"].iloc[0]),
-            "ok_alphas": sorted(g.loc[g["outcome"] == "ok", "offload_alpha"].tolist()),
-            "oom_alphas": sorted(g.loc[g["outcome"] != "ok", "offload_alpha"].tolist()),
-        }
+    numbers: dict[str, Any] = {"fits": fit_numbers(out, lambda o: o != "ok")}
     ratios = [float(x) for x in sweep.get("pcie_tx_over_offload", pd.Series(dtype=float)).dropna()]
     numbers["pcie_tx_over_offload_min"] = min(ratios) if ratios else None
     if compare:
