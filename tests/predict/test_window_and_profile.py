@@ -8,6 +8,7 @@ import math
 import statistics
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -15,10 +16,9 @@ import pytest
 
 from charllm.predict.profile import LayerProfile
 from charllm.predict.recorded import REPO, all_recorded
+from charllm.telemetry.summary import counter_delta, integrate
 from charllm.train import window
 from tests.train.conftest import make_cell
-
-LOGS = [r for r in all_recorded() if len(r.step_times_s) >= 6]
 
 
 def test_window_rule_basics() -> None:
@@ -35,59 +35,109 @@ def test_window_rule_basics() -> None:
     assert window.record(dec, "adaptive")["mode"] == "adaptive"
 
 
-def _power_energy(tele: pd.DataFrame, t0: float, t1: float) -> float:
-    t = tele["unix_s"].to_numpy(float)
-    p = tele["power_w"].to_numpy(float)
-    m = (t >= t0) & (t <= t1)
-    return float(np.trapezoid(p[m], t[m])) if m.sum() >= 2 else math.nan
+REPLAY = json.loads((REPO / "tests" / "data" / "gpu" / "window-replay" / "logs.json").read_text())
 
 
-def _small_campaign_logs() -> list[tuple[str, list[tuple[float, float]], pd.DataFrame]]:
-    """(cell, measured steps as (start, end), its power samples) from the small campaign's tables."""
-    base = REPO / "docs" / "gpu" / "small-campaign" / "tables"
-    steps = pd.read_parquet(base / "steps.parquet")
-    out = []
-    for cid, g in steps[steps["phase"] == "measure"].groupby("cell_id"):
-        tele = pd.read_parquet(base / "telemetry.parquet" / f"{cid}_r0_a1.parquet")
-        out.append((str(cid), list(zip(g["start_unix_s"], g["end_unix_s"], strict=True)), tele))
-    return out
+def _energy(cell: dict, t1: float, col: str) -> float:
+    """Energy of all ranks from the first measured step's start to t1: the job's own definitions
+    (``power_w``: trapezoid of sampled power; ``energy_j``: NVML counter, interpolated at the edges)."""
+    t0 = cell["steps"][0][0]
+    total = 0.0
+    for r in cell["ranks"]:
+        t, v = np.asarray(r["t_s"]), np.asarray(r[col])
+        total += integrate(t, v, t0, t1) if col == "power_w" else counter_delta(t, v, t0, t1)
+    return total
+
+
+def _replay_cell(cell: dict, **kw: Any) -> dict[str, Any]:
+    steps = cell["steps"]
+    durs = [b - a for a, b in steps]
+    n = len(durs)
+    dec = window.replay(durs, **kw)
+    k = dec.measured_steps
+    out: dict[str, Any] = {"fixed": n, "adaptive": k, "window_s": steps[-1][1] - steps[0][0], "saving": 1 - k / n}
+    out["median_err"] = statistics.median(durs[:k]) / statistics.median(durs) - 1
+    for col, key in (("power_w", "energy_err"), ("energy_j", "counter_err")):
+        if all(col in r for r in cell["ranks"]):  # the Perseus profile kept the counter only
+            out[key] = (_energy(cell, steps[k - 1][1], col) / k) / (_energy(cell, steps[-1][1], col) / n) - 1
+    return out | {"reason": dec.reason}
+
+
+def test_window_replay_data_is_every_recorded_step_log() -> None:
+    """logs.json holds every recorded step log of the repository, and its numbers are the recorded ones."""
+    have = {c["source"] for c in REPLAY["cells"]} | {x["source"] for x in REPLAY["durations_only"]}
+    have.add(REPLAY["measured_adaptively"]["source"])
+    for r in all_recorded():
+        if r.step_times_s:
+            src = r.source.removesuffix("/result.json").replace("tests/data/gpu/", "tests/data/gpu:")
+            assert src in have, f"{src} has measured steps but is not in window-replay/logs.json"
+    assert {x["source"] for x in REPLAY["excluded"]} == {
+        "tests/data/gpu:oom/",
+        "docs/gpu/kwai-remat-1gpu-run/charllm-home.tgz:results/cells/e787f45b0abd6b94/r0/a1-bd9f3eaa/out/",
+    }  # the two OOM cells: no measured step
+    for c in REPLAY["cells"]:  # the extracted steps and power reproduce the job's own metrics
+        durs = [b - a for a, b in c["steps"]]
+        rec = c["recorded"]
+        assert len(durs) == rec["measured_steps"]
+        if "energy_per_step_j" in rec:  # a job's result.json
+            assert statistics.median(durs) == pytest.approx(rec["step_time_median_s"], rel=1e-5)
+            e = _energy(c, c["steps"][-1][1], "power_w") / len(durs)
+            assert e == pytest.approx(rec["energy_per_step_j"], rel=1e-4), c["source"]
+        else:  # the Perseus stage profile: its counter over its window
+            t0, t1 = rec["window_rel_s"]
+            r = c["ranks"][0]
+            e = counter_delta(np.asarray(r["t_s"]), np.asarray(r["energy_j"]), t0, t1)
+            assert e == pytest.approx(rec["counter_window_j"], abs=0.01), c["source"]
+    # the one job that measured adaptively on the GPU: its step log reproduces its decision
+    m = REPLAY["measured_adaptively"]
+    d, mw = m["durations_s"], m["measure_window"]
+    stop = window.should_stop(d, sum(d), len(d) + 1)
+    assert stop.stop and stop.reason == mw["reason"] == "ci+energy" and len(d) == mw["measured_steps"]
+    assert not window.should_stop(d[:-1], sum(d[:-1]), len(d) + 1).stop
 
 
 @pytest.mark.parametrize("energy_floor", [True, False], ids=["full-rule", "ci-rule-only"])
 def test_adaptive_window_on_replayed_step_logs(energy_floor: bool) -> None:
-    """Median step time within 1 % of the fixed window on every recorded log (>= 6 measured steps)."""
-    kw = {} if energy_floor else {"min_energy_s": 0.0}
-    fixed_n = adaptive_n = 0
-    for r in LOGS:
-        s = list(r.step_times_s)
-        dec = window.replay(s, **kw)
-        err = statistics.median(s[: dec.measured_steps]) / statistics.median(s) - 1
-        fixed_n += len(s)
-        adaptive_n += dec.measured_steps
-        print(f"{r.source:<92} fixed {len(s):2d} adaptive {dec.measured_steps:2d} ({dec.reason}) median {err:+.4f}")
-        assert abs(err) <= 0.01
-        assert dec.measured_steps <= len(s)
-    saving = 1 - adaptive_n / fixed_n
-    print(f"{'full rule' if energy_floor else 'CI rule alone'}: {adaptive_n} of {fixed_n} steps, {saving:.1%} fewer")
-    if not energy_floor:
-        assert saving >= 0.30
-    # with the 10 s energy floor the recorded windows (1.5-14 s long) leave little to save: reported
-
-
-def test_adaptive_window_energy_per_step_on_recorded_power() -> None:
-    """Energy per step over the adaptive window (sampled power) within 1 % of the fixed window's."""
-    logs = _small_campaign_logs()
-    assert len(logs) == 8
-    for cid, spans, tele in logs:
-        durs = [b - a for a, b in spans]
-        for kw in ({}, {"min_energy_s": 0.0}):
-            n = window.replay(durs, **kw).measured_steps
-            e_fixed = _power_energy(tele, spans[0][0], spans[-1][1]) / len(spans)
-            e_adapt = _power_energy(tele, spans[0][0], spans[n - 1][1]) / n
-            err = e_adapt / e_fixed - 1
-            print(f"{cid} {'CI rule alone' if kw else 'full rule'}: {n}/{len(spans)} steps, energy/step {err:+.2%}")
-            if not kw:  # without the 10 s floor a 2-3 s window misses by up to 2.5 %: why the floor is there
-                assert abs(err) <= 0.01
+    """The rule replayed on every recorded step log with an energy series (tests/data/gpu/window-replay)."""
+    kw: dict[str, Any] = {} if energy_floor else {"min_energy_s": 0.0}
+    rows = []
+    for c in REPLAY["cells"]:
+        r = _replay_cell(c, **kw)
+        rows.append(r)
+        print(
+            f"{c['name'][:46]:<46} {c['gpu_type']} {c['engine']:<8} {r['window_s']:5.1f} s "
+            f"fixed {r['fixed']:2d} adaptive {r['adaptive']:2d} ({r['reason']:<9}) saving {r['saving']:6.1%} "
+            f"median {r['median_err']:+.2%} energy/step {format(r['energy_err'], '+.2%') if 'energy_err' in r else 'n/a':>6} "
+            f"counter {r['counter_err']:+.2%}"
+        )
+    mean_saving = statistics.mean(r["saving"] for r in rows)
+    pooled = 1 - sum(r["adaptive"] for r in rows) / sum(r["fixed"] for r in rows)
+    worst = {k: max(abs(r[k]) for r in rows if k in r) for k in ("median_err", "energy_err", "counter_err")}
+    print(f"{len(rows)} logs: mean saving {mean_saving:.1%}, pooled {pooled:.1%}, worst {worst}")
+    short = [window.replay(x["durations_s"], **kw).measured_steps for x in REPLAY["durations_only"]]
+    n_short = sum(len(x["durations_s"]) for x in REPLAY["durations_only"])
+    print(f"step-time-only logs (no energy series): {sum(short)} of {n_short} steps")
+    assert len(rows) == 22
+    assert all(r["adaptive"] <= r["fixed"] for r in rows)
+    assert worst["median_err"] <= 0.01
+    if energy_floor:
+        assert worst["energy_err"] <= 0.01 and worst["counter_err"] <= 0.01
+        # only windows over 10 s can stop early: the H100 Llama-3 8B cell (11.2 s), the Perseus stage
+        # profile (12.1-12.3 s) and the Kwai 1-GPU Llama-7B cells (46 and 58 s: 5 of 20 steps)
+        saved = {c["name"]: r["saving"] for c, r in zip(REPLAY["cells"], rows, strict=True) if r["saving"] > 0}
+        assert saved == pytest.approx(
+            {
+                "llama3-8b-L2-tp1pp1dp1-mb1-gb8-s4096-01000": 0.1,
+                "perseus-stage0-of-2": 6 / 38,
+                "perseus-stage1-of-2": 5 / 33,
+                "llama-7b-L17-tp1pp1dp1-mb1-gb1-s32768-01000": 0.75,
+                "llama-7b-L17-tp1pp1dp1-mb1-gb1-s32768-01000-rkwai": 0.75,
+            }
+        )
+        assert mean_saving == pytest.approx((0.1 + 0.75 + 0.75 + 6 / 38 + 5 / 33) / 22)
+        assert mean_saving < 0.30  # the issue's >= 30 % on average: not met by the recorded logs
+    else:  # without the floor 1-3 s windows miss energy per step by more than 1 %: why the floor is there
+        assert worst["energy_err"] > 0.01
 
 
 def test_job_profile_layers_and_adaptive_window_on_cpu(tmp_path: Path) -> None:
@@ -131,10 +181,16 @@ def test_profile_layers_refused_where_it_cannot_run() -> None:
 
 
 def test_megatron_tarball_logs_are_in_the_replay() -> None:
-    # the megatron runs' step logs (6 measured steps each) are part of LOGS
-    assert sum("megatron" in r.source for r in LOGS) == 5
+    # the megatron runs' step logs (6 measured steps each) are in logs.json as recorded in the tarball
+    meg = [c for c in REPLAY["cells"] if "validate-h200-megatron" in c["source"]]
+    assert len(meg) == 5
     with tarfile.open(REPO / "docs" / "gpu" / "validate-h200-megatron-complete-runs.tar.gz") as tar:
         f = tar.extractfile("meg-1.3b-00000/steps.csv")
         assert f is not None
         rows = pd.read_csv(io.BytesIO(f.read()))
-    assert (rows["phase"] == "measure").sum() == 6
+    m = rows[rows["phase"] == "measure"]
+    assert len(m) == 6
+    c = next(c for c in meg if c["name"] == "meg-1.3b-00000")
+    got = [(a + c["t0_unix_s"], b + c["t0_unix_s"]) for a, b in c["steps"]]
+    want = list(zip(m["start_unix_s"], m["end_unix_s"], strict=True))
+    assert np.allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
