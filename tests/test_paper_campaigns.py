@@ -248,3 +248,22 @@ def test_engine_settings_doc_is_current_and_every_paper_cell_runs() -> None:
     assert p.stdout == (repo / "docs" / "paper-engine-settings.md").read_text(), (
         "docs/paper-engine-settings.md is stale: regenerate it with scripts/engine-settings"
     )
+
+
+@pytest.mark.parametrize("path", sorted(CAMPAIGNS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_cell_passes_the_jobs_own_checks(path):
+    """Every campaign file shipped: each cell passes the plan-time check and the job's own
+    (CellSpec.check, check_engine, job_refusals) on the device its cluster has."""
+    from charllm.campaign import cell_refusals
+    from charllm.capabilities import job_refusals
+    from charllm.train.cell import CellSpec
+
+    lc = load_campaign(path)
+    device = "cpu" if lc.cluster.gpu_type == "cpu" else "cuda"
+    for c in lc.cells:
+        assert cell_refusals(c, lc.cluster) == [], c.name
+        spec = CellSpec.from_dict(c.job_config(0))
+        assert job_refusals(spec, device) == [], c.name
+        spec.check()
+        spec.check_engine(device)
+    print(f"{path.name}: {len(lc.cells)} cells accepted by the job on {device}")
