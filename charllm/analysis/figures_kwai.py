@@ -345,6 +345,8 @@ def scaling_figures(cells: pd.DataFrame, out_dir: Path, title: str) -> list[Path
     from charllm.analysis.scaling import scaling_table
 
     table = scaling_table(cells)
+    # a CPU run's ranks are processes, not GPUs, and it has no device memory to scale
+    unit = "rank" if "gpu_type" in cells and bool((cells["gpu_type"].astype(str) == "cpu").all()) else "GPU"
     paths: list[Path] = []
     for model in scaling_models(cells):
         t = table[table["model"] == model].copy()
@@ -352,16 +354,18 @@ def scaling_figures(cells: pd.DataFrame, out_dir: Path, title: str) -> list[Path
         if t["interconnect"].nunique(dropna=True) > 1:
             series = series + " (" + t["interconnect"].astype(str) + ")"
         t["strategy"] = series
-        t["GPUs"] = t["num_devices"].astype(int)
+        axis = f"{unit}s"
+        t[axis] = t["num_devices"].astype(int)
+        panels = [(col, label.replace("GPU", unit)) for col, label in SCALING_PANELS if t[col].notna().any()]
         paths += _fig.grouped_panels(
             t,
-            ["GPUs"],
+            [axis],
             "strategy",
             out_dir,
             f"scaling_{_safe(model)}",
-            f"{title}: {model}, scaling against 1 GPU",
-            panels=SCALING_PANELS,
-            group_label=lambda d: f"{d['GPUs']} GPU" + ("s" if d["GPUs"] > 1 else ""),
+            f"{title}: {model}, scaling against 1 {unit}",
+            panels=panels,
+            group_label=lambda d, axis=axis: f"{d[axis]} {unit}" + ("s" if d[axis] > 1 else ""),
         )
     return paths
 
