@@ -282,7 +282,7 @@ class CampaignRunner:
         replaces another.
         """
         cells = self.select(pattern)
-        if getattr(self.lc.campaign, "prune", "none") != "none":  # charllm.predict.plan: one canary per model runs
+        if self.lc.campaign.prune != "none":  # charllm.predict.plan: one canary per model runs
             from charllm.predict.plan import pruned
 
             skip = pruned(self.lc)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -340,6 +341,11 @@ SCALING_PANELS = (
 )
 
 
+def _count_label(axis: str, unit: str) -> Callable[[dict[str, Any]], str]:
+    """``1 GPU``, ``2 GPUs`` (or ranks) for a group of the scaling figure."""
+    return lambda d: f"{d[axis]} {unit}" + ("s" if d[axis] > 1 else "")
+
+
 def scaling_figures(cells: pd.DataFrame, out_dir: Path, title: str) -> list[Path]:
     """One figure per model: the scaling table's numbers per GPU count and strategy (OOM hatched)."""
     from charllm.analysis.scaling import scaling_table
@@ -365,7 +371,7 @@ def scaling_figures(cells: pd.DataFrame, out_dir: Path, title: str) -> list[Path
             f"scaling_{_safe(model)}",
             f"{title}: {model}, scaling against 1 {unit}",
             panels=panels,
-            group_label=lambda d, axis=axis: f"{d[axis]} {unit}" + ("s" if d[axis] > 1 else ""),
+            group_label=_count_label(axis, unit),
         )
     return paths
 
@@ -374,20 +380,17 @@ def scaling_figures(cells: pd.DataFrame, out_dir: Path, title: str) -> list[Path
 
 
 def _register() -> None:
-    reg = getattr(_fig, "register_figure", None)
-    if reg is None:  # a figures module without the registry: nothing to hook into
-        return
-    reg(
+    _fig.register_figure(
         "memory_alpha",
         lambda d: has_alpha_sweep(d.summary) and memory_column(d.summary) is not None,
         lambda d: memory_alpha_figure(d.summary, d.out_dir, f"{d.campaign}: memory against offload fraction"),
     )
-    reg(
+    _fig.register_figure(
         "throughput_alpha",
         lambda d: has_alpha_sweep(d.summary) and "tokens_per_s_per_gpu" in d.summary,
         lambda d: throughput_alpha_figure(d.summary, d.out_dir, f"{d.campaign}: throughput against offload fraction"),
     )
-    reg(
+    _fig.register_figure(
         "kwai_table",
         lambda d: (
             not d.summary.empty
@@ -396,7 +399,7 @@ def _register() -> None:
         ),
         lambda d: kwai_table_figure(d.summary, d.out_dir, f"{d.campaign}: recompute and offload"),
     )
-    reg(
+    _fig.register_figure(
         "scaling",
         lambda d: bool(scaling_models(d.cells)),
         lambda d: scaling_figures(d.cells, d.out_dir, d.campaign),

@@ -345,7 +345,7 @@ def plan_job_file(cell: Any, home: Path) -> dict[str, str]:
 
     from charllm.energy.freqplan import JOB_FILE, resolve
 
-    extra = {"gpu_control": getattr(cell, "gpu_control", None)}
+    extra = {"gpu_control": cell.gpu_control}
     if not extra["gpu_control"]:
         return {}
     gate, req = request_of(extra)

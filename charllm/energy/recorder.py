@@ -231,7 +231,7 @@ def maybe_attach(engine: Any, cell: Any, device: Any, controller: Any = None) ->
     frequency plan (``controller.plan``: the controller locks this stage's clock before every
     forward and backward, at the plan's value), attached; else None."""
     plan = getattr(controller, "plan", None)
-    if getattr(cell.opt, "profile_mode", "none") != "instructions" and plan is None:
+    if cell.opt.profile_mode != "instructions" and plan is None:
         return None
     stage = int(getattr(engine, "pp_rank", 0))
     rec = InstructionRecorder(device, stage)

@@ -56,8 +56,8 @@ class CellPrediction:
 
 def _links(lc: LoadedCampaign, cell: Cell) -> timing.Links:
     cl = lc.cluster_for(cell)
-    intra = getattr(cl, "intra_node_gbyte_per_s", None) or timing.DEFAULT_INTRA_GBYTE_S
-    inter = getattr(cl, "inter_node_gbit_per_s", None) or timing.DEFAULT_INTER_GBIT_S
+    intra = cl.intra_node_gbyte_per_s or timing.DEFAULT_INTRA_GBYTE_S
+    inter = cl.inter_node_gbit_per_s or timing.DEFAULT_INTER_GBIT_S
     return timing.Links(intra_gbyte_s=float(intra), inter_gbit_s=float(inter), gpus_per_node=cl.gpus_per_node)
 
 
@@ -173,7 +173,7 @@ def predict_campaign(
     repeats: int | None = None,
 ) -> list[CellPrediction]:
     """Every selected cell's prediction, pruned by ``prune`` (default: the campaign's ``prune``)."""
-    mode = prune or str(getattr(lc.campaign, "prune", "none"))
+    mode = prune or lc.campaign.prune
     cells = lc.select(pattern)
     return apply_prune([predict_cell(lc, c, profiles, repeats) for c in cells], mode)
 
@@ -233,7 +233,7 @@ def cmd_plan_predict(args: argparse.Namespace) -> int:
     preds = predict_campaign(lc, profiles, args.prune, args.cells, args.repeats)
     print(format_table(preds))
     t = totals(preds)
-    mode = args.prune or getattr(lc.campaign, "prune", "none")
+    mode = args.prune or lc.campaign.prune
     print(
         f"{int(t['runnable'])} of {int(t['cells'])} cells runnable; {int(t['predicted_oom'])} predicted out of memory; "
         f"prune {mode}: {int(t['skipped'])} skipped, {int(t['canaries'])} canaries"

@@ -290,8 +290,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             raise ConfigError(f"--cluster {arg}", "name", f"cluster {cluster.name!r} named twice")
         clusters[cluster.name] = cluster
         # link bandwidths: the option, else the cluster profile's (when it has them), else the defaults
-        gbit = args.network_gbit or getattr(cluster, "inter_node_gbit_per_s", None) or DEFAULT_NETWORK_BYTES_S * 8 / 1e9
-        gbyte = getattr(cluster, "intra_node_gbyte_per_s", None)
+        gbit = args.network_gbit or cluster.inter_node_gbit_per_s or DEFAULT_NETWORK_BYTES_S * 8 / 1e9
+        gbyte = cluster.intra_node_gbyte_per_s
         pools.append(
             Pool.of(
                 cluster.name,

@@ -183,11 +183,10 @@ class Job:
             "missed_ticks": sampler.missed_ticks,
             "rows": len(sampler.rows),
         }
-        if cell.opt.profile and not getattr(engine, "drives_loop", False):  # nemo: its trainer owns the steps
+        own_loop = not getattr(engine, "drives_loop", False)  # nemo: its trainer owns the steps
+        if cell.opt.profile and own_loop:
             self._profile(engine, records[-1].step + 1, device)
-        if getattr(cell.opt, "profile_mode", "none") == "layers" and not getattr(
-            engine, "drives_loop", False
-        ):  # charllm.train.layer_profile: per-layer costs
+        if cell.opt.profile_mode == "layers" and own_loop:  # charllm.train.layer_profile: per-layer costs
             import statistics
 
             from charllm.train.layer_profile import profile_in_job
@@ -285,7 +284,7 @@ class Job:
 
         self.window_steps_s.append(step_max_s)
         dec = window.should_stop(self.window_steps_s, sum(self.window_steps_s), self.cell.steps)
-        mode = getattr(self.cell.opt, "window", "fixed")
+        mode = self.cell.opt.window
         self.window_record = window.record(dec, mode)
         return mode == "adaptive" and dec.stop
 
