@@ -363,6 +363,8 @@ def scaling_figures(cells: pd.DataFrame, out_dir: Path, title: str) -> list[Path
         axis = f"{unit}s"
         t[axis] = t["num_devices"].astype(int)
         panels = [(col, label.replace("GPU", unit)) for col, label in SCALING_PANELS if t[col].notna().any()]
+        if not panels:  # nothing measured for this model (every cell failed or ran out of memory)
+            continue
         paths += _fig.grouped_panels(
             t,
             [axis],

@@ -153,3 +153,25 @@ def test_draw_all_draws_them_where_they_apply(tmp_path: Path) -> None:
     d = FigureData("pcie", tmp_path, pcie, pd.DataFrame(), cell_summary(pcie), pd.DataFrame(), pd.DataFrame(), None, {})
     applies = {s for s in ("memory_alpha", "throughput_alpha", "kwai_table", "scaling") if FIGURES[s].applies_to(d)}
     assert applies == {"scaling"}
+
+
+def test_scaling_figure_leaves_out_what_was_not_measured(tmp_path):
+    """A CPU run has no device memory: no empty panel, and its ranks are not called GPUs; a model
+    with nothing measured gets no figure at all (it used to divide by zero)."""
+    import pandas as pd
+
+    from charllm.analysis.figures_kwai import scaling_figures
+
+    rows = [
+        {"cell_id": f"c{n}", "cell_name": f"tiny-dp{n}", "repeat": 0, "model": "tiny", "gpu_type": "cpu",
+         "world_size": n, "dp": n, "tp": 1, "pp": 1, "outcome": "ok", "tokens_per_s": 1000.0 * n ** 0.5,
+         "step_time_median_s": 0.1 * n ** 0.5, "global_batch": 8, "seq_len": 64, "measured_steps": 8}
+        for n in (1, 2)
+    ]  # fmt: skip
+    paths = scaling_figures(pd.DataFrame(rows), tmp_path, "demo")
+    csv = pd.read_csv(next(p for p in paths if p.suffix == ".csv"))
+    print(csv[["group", "metric"]].drop_duplicates().to_string())
+    assert set(csv["group"]) == {"1 rank", "2 ranks"}
+    assert "peak_memory_scaling_factor" not in set(csv["metric"])  # no memory measured on a CPU
+    blank = pd.DataFrame([{**r, "tokens_per_s": float("nan"), "step_time_median_s": float("nan")} for r in rows])
+    assert scaling_figures(blank, tmp_path / "blank", "demo") == []
