@@ -94,10 +94,15 @@ def run_config(raw: dict, denv: Any, device: torch.device, warmup: int, steps: i
         "profile": prof.to_dict(),
         "profile_step_s": prof.profiled_step_s(),
         "profile_over_measured": prof.profiled_step_s() / med,
+        # the profiled steps' own time (device clock, start to end): the same steps as the layers
+        "profiled_steps_s": prof.provenance.get("profiled_step_s", 0.0),
     }
+    own = row["profiled_steps_s"]
     print(
         f"{cell.name:<36} step {med:.4f} s  profile sum {prof.profiled_step_s():.4f} s "
-        f"({row['profile_over_measured']:.3f})  peak {mem / 2**30:.2f} GiB  build {build_s:.1f} s",
+        f"({row['profile_over_measured']:.3f}; profiled steps {own:.4f} s, "
+        f"{prof.profiled_step_s() / own if own else float('nan'):.3f})  overhead {prof.step_overhead_s * 1e3:.1f} ms  "
+        f"peak {mem / 2**30:.2f} GiB  build {build_s:.1f} s",
         flush=True,
     )
     del engine
@@ -180,6 +185,8 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--cpu", action="store_true", help="tiny smoke run on CPU")
     ap.add_argument("--sections", default="sweep,llama,oom", help="sweep,llama,oom,job")
+    ap.add_argument("--steps", type=int, default=5, help="measured steps per configuration")
+    ap.add_argument("--profile-steps", type=int, default=2, help="profiled steps per configuration")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -203,7 +210,7 @@ def main() -> int:
         warm, steps, pst = 1, 3, 2
     else:
         shape, seq, mbs, gb = modelcat.get("gpt3-1.3b"), 2048, [1, 2, 4, 8], 8
-        warm, steps, pst = 3, 5, 2
+        warm, steps, pst = 3, args.steps, args.profile_steps
     if "sweep" in sections:
         for rc in (False, True):
             for mb in mbs:

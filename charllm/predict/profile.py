@@ -40,6 +40,7 @@ JSON (``schema: "charllm.layer-profile/1"``), one file per key, named
       ],
       "optimizer_step_s": 0.0123,    # one optimizer step over all layers of this rank
       "batch_time_s": 0.271,         # one micro batch, forward + backward, measured as a whole
+      "step_overhead_s": 0.004,      # the step outside its micro batches and the optimizer (0 if unknown)
       "step_time_s": 1.101,          # one optimizer step of the profiled cell (all micro batches)
       "grad_accum": 4,               # micro batches per step in the profiled cell
       "max_memory_allocated_bytes": 62900057088,  # the profiled cell's peak (0 if unknown)
@@ -121,6 +122,7 @@ class LayerProfile:
     layers: tuple[LayerCost, ...]
     optimizer_step_s: float
     batch_time_s: float
+    step_overhead_s: float = 0.0
     step_time_s: float = 0.0
     grad_accum: int = 1
     max_memory_allocated_bytes: int = 0
@@ -150,8 +152,8 @@ class LayerProfile:
         return math.fsum(self.layer_times_s())
 
     def profiled_step_s(self) -> float:
-        """What the layers add up to for the profiled cell's step: accum x layers + optimizer."""
-        return self.grad_accum * self.layers_time_s() + self.optimizer_step_s
+        """What the profile adds up to for the profiled cell's step: accum x layers + optimizer + overhead."""
+        return self.grad_accum * self.layers_time_s() + self.optimizer_step_s + self.step_overhead_s
 
     def mean_block(self) -> LayerCost:
         """The blocks' mean costs (the planners scale this to other depths)."""
@@ -208,6 +210,7 @@ class LayerProfile:
             "layers": [asdict(layer) for layer in self.layers],
             "optimizer_step_s": self.optimizer_step_s,
             "batch_time_s": self.batch_time_s,
+            "step_overhead_s": self.step_overhead_s,
             "step_time_s": self.step_time_s,
             "grad_accum": self.grad_accum,
             "max_memory_allocated_bytes": self.max_memory_allocated_bytes,
@@ -380,6 +383,7 @@ def _parse(raw: Any, source: str) -> LayerProfile:
         layers=tuple(layers),
         optimizer_step_s=_float(raw, "optimizer_step_s", source),
         batch_time_s=_float(raw, "batch_time_s", source),
+        step_overhead_s=_float(raw, "step_overhead_s", source, default=0.0),
         step_time_s=_float(raw, "step_time_s", source, default=0.0),
         grad_accum=_int(raw, "grad_accum", source, 1, 1 << 24, default=1),
         max_memory_allocated_bytes=_int(raw, "max_memory_allocated_bytes", source, 0, MAX_BYTES, default=0),

@@ -4,14 +4,20 @@ After the measured window the job runs ``opt.profile_steps`` more steps with CUD
 (``time.perf_counter`` on CPU) recorded by module hooks, and writes one
 :class:`charllm.predict.profile.LayerProfile` (``profiles/{gpu}_tp{tp}_mb{mb}.json``).
 
-How each number is taken, per micro batch (medians over the profiled steps' micro batches):
+How each number is taken, per micro batch (medians over the profiled steps' micro batches).
+The marks telescope: the forward pieces cover the micro batch's start to the model's output
+and the backward pieces the model's output to the next micro batch, without gaps, so the
+layers add up to the micro batch as measured (host time between two blocks, which bounds an
+eager launch-bound step, is charged to the block before it):
 
 - block ``i``: each block is wrapped for the profiled steps in an uncompiled :class:`_Timed`
   module whose forward pre/post hooks mark its forward (a compiled block stays one graph: no
-  event inside it). Its backward runs from the moment the gradient of its output is ready to
-  the moment the gradient of its input is (tensor hooks); with recompute that includes the
-  replayed forward. ``saved_activation_bytes``: allocated bytes after minus before its first
-  forward (what it keeps for backward, its output included).
+  event inside it). Its forward runs from its start to the next block's start (the last
+  block: to its end); its backward from the moment the gradient of its output is ready to the
+  moment the previous block's output gradient is (the first block: its input's gradient;
+  tensor hooks); with recompute that includes the replayed forward.
+  ``saved_activation_bytes``: allocated bytes after minus before its first forward (what it
+  keeps for backward, its output included).
 - embedding: from the micro batch's start (a pre-hook on the model) to block 0's forward, and
   from block 0's input gradient to the next micro batch (or the optimizer step): its backward,
   the gradient accumulation and the data of the next micro batch.
@@ -20,6 +26,11 @@ How each number is taken, per micro batch (medians over the profiled steps' micr
   ``saved_activation_bytes`` is the head's peak increase (logits, the float32 loss and its
   gradient are the largest transient of the step).
 - optimizer step: optimizer pre/post step hooks. ``batch_time_s``: one micro batch whole.
+- ``step_overhead_s``: the rest of the optimizer step, from the step's start to its first
+  micro batch (zeroing gradients, the first batch's copy to the device) and from the
+  optimizer's end to the step's end (the loss read back, the loop). With it the profile adds
+  up to the step: ``grad_accum x layers + optimizer + overhead`` (``profiled_step_s``); the
+  profiled steps' own time, start to end on the device's clock, is ``provenance.profiled_step_s``.
 
 Parameter, gradient and optimizer bytes are what this rank holds per layer: fp32 master
 weights (+ bf16 compute copies with FSDP2 mixed precision), fp32 gradients, AdamW's two
@@ -95,6 +106,9 @@ class LayerProfiler:
         self.originals: dict[str, nn.Module] = {}
         self.mb_marks: list[dict[str, Any]] = []  # one dict of marks per micro batch
         self.opt_marks: list[tuple[Any, Any]] = []
+        # per profiled step: (start mark, index of its first micro batch, its optimizer marks, end mark)
+        self.step_marks: list[tuple[Any, int, tuple[Any, Any], Any]] = []
+        self._step_open: tuple[Any, int] | None = None
         self.mem: dict[str, list[int]] = defaultdict(list)
         self._opt_start: Any = None
         # memory probes (torch.cuda.memory_stats builds a dict per call) slow a launch-bound step:
@@ -164,6 +178,19 @@ class LayerProfiler:
         if self.mb_marks:
             self.mb_marks[-1]["next"] = self._opt_start
 
+    def begin_step(self) -> None:
+        """Mark an optimizer step's start (call right before ``engine.step``)."""
+        self._step_open = (self.clock.mark(), len(self.mb_marks))
+
+    def end_step(self) -> None:
+        """Mark its end (call right after ``engine.step``, before the device sync)."""
+        if self._step_open is None or not self.opt_marks:
+            return
+        start, first_mb = self._step_open
+        self._step_open = None
+        if first_mb < len(self.mb_marks):
+            self.step_marks.append((start, first_mb, self.opt_marks[-1], self.clock.mark()))
+
     def __enter__(self) -> LayerProfiler:
         layers: Any = self.model.layers
         self.clock.reserve(64 * (6 * len(layers) + 8))
@@ -212,9 +239,15 @@ class LayerProfiler:
             cols["head_f"].append(span(m[f"fe{last}"], m["root_end"]))
             cols["head_b"].append(span(m["root_end"], m[f"go{last}"]))
             cols["batch"].append(span(m["mb_start"], m["next"]))
-            for i in ids:
-                cols[f"f{i}"].append(span(m[f"f{i}"], m[f"fe{i}"]))
-                cols[f"b{i}"].append(span(m[f"go{i}"], m[f"gi{i}"]))
+            for j, i in enumerate(ids):
+                # to the next block's start / the previous block's output gradient: no gaps
+                fwd_end = m[f"f{ids[j + 1]}"] if i != last else m[f"fe{i}"]
+                bwd_end = m[f"go{ids[j - 1]}"] if i != first else m[f"gi{i}"]
+                cols[f"f{i}"].append(span(m[f"f{i}"], fwd_end))
+                cols[f"b{i}"].append(span(m[f"go{i}"], bwd_end))
+        timed_steps = [s for s in self.step_marks if not self.mb_marks[s[1]]["probe"]] or self.step_marks
+        overheads = [span(a, self.mb_marks[k]["mb_start"]) + span(o[1], b) for a, k, o, b in timed_steps]
+        step_walls = [span(a, b) for a, _, _, b in timed_steps]
         for m in probed:
             acts["emb"].append(m[f"m{first}"] - m["mem_start"])
             if "head_peak" in m:
@@ -239,7 +272,8 @@ class LayerProfiler:
                 self._cost(f"block.{i}", "block", med(f"f{i}"), med(f"b{i}"), amed(f"a{i}"), list(blk.parameters()))
             )
         layers.append(self._cost("head", "head", med("head_f"), med("head_b"), amed("head"), head_params))
-        opt_s = float(statistics.median(span(a, b) for a, b in self.opt_marks)) if self.opt_marks else 0.0
+        opt = [o for _, _, o, _ in timed_steps] or self.opt_marks  # the timed steps' (no memory probes)
+        opt_s = float(statistics.median(span(a, b) for a, b in opt)) if opt else 0.0
         return LayerProfile(
             gpu_type=cell.gpu_type,
             tp=cell.parallel.tp,
@@ -253,6 +287,7 @@ class LayerProfiler:
             layers=tuple(layers),
             optimizer_step_s=opt_s,
             batch_time_s=float(statistics.median(cols["batch"])),
+            step_overhead_s=max(0.0, float(statistics.median(overheads))) if overheads else 0.0,
             step_time_s=step_time_s,
             grad_accum=cell.grad_accum,
             max_memory_allocated_bytes=max_memory_allocated_bytes,
@@ -260,9 +295,11 @@ class LayerProfiler:
             provenance={
                 "cell_id": cell.cell_id,
                 "micro_batches_profiled": len(mbs),
+                "steps_profiled": len(timed_steps),
+                "profiled_step_s": float(statistics.median(step_walls)) if step_walls else 0.0,
                 "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
                 "torch": torch.__version__,
-                "method": "charllm.train.layer_profile (CUDA events via module and tensor hooks)",
+                "method": "charllm.train.layer_profile (CUDA events via module and tensor hooks, telescoping)",
                 "params_dtype": "bf16 compute copies + fp32 master"
                 if getattr(self.engine, "bf16_params", False) or cell.parallel.fsdp
                 else "fp32",
@@ -307,7 +344,9 @@ def profile_layers(
     with LayerProfiler(engine) as prof:
         for i in range(max(1, steps) + 1):  # the first step probes memory, the others are timed
             prof.probe_memory = i == 0
+            prof.begin_step()
             engine.step(first_step + i)
+            prof.end_step()
             engine.sync()
     return prof.result(step_time_s, max_mem)
 

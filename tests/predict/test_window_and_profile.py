@@ -165,6 +165,34 @@ def test_job_profile_layers_and_adaptive_window_on_cpu(tmp_path: Path) -> None:
     print(prof.to_json()[:400])
 
 
+def test_layer_profile_telescopes_to_the_step(tmp_path: Path) -> None:
+    """One timed step of one micro batch: the layers, optimizer and step overhead add up to the
+    profiled step exactly (the marks leave no gap: host time between blocks is a block's)."""
+    from charllm.train.run import run
+
+    cell = make_cell(
+        opt={"profile_mode": "layers", "profile_steps": 1},
+        warmup={"min_steps": 0, "max_steps": 0},
+        steps=2,
+        global_batch=2,
+    )
+    path = tmp_path / "cell.json"
+    path.write_text(json.dumps(cell))
+    assert run(path, tmp_path / "out", env={}) == 0
+    prof = LayerProfile.read(tmp_path / "out" / "profiles" / "cpu_tp1_mb2.json")
+    wall = prof.provenance["profiled_step_s"]
+    print(
+        f"layers {prof.layers_time_s():.6f} s = batch {prof.batch_time_s:.6f} s; + optimizer "
+        f"{prof.optimizer_step_s:.6f} + overhead {prof.step_overhead_s:.6f} = {prof.profiled_step_s():.6f} "
+        f"vs the step {wall:.6f} s"
+    )
+    assert prof.grad_accum == 1 and prof.provenance["steps_profiled"] == 1
+    assert prof.layers_time_s() == pytest.approx(prof.batch_time_s, rel=1e-9)
+    assert prof.step_overhead_s > 0
+    assert prof.profiled_step_s() == pytest.approx(wall, rel=1e-9)
+    assert all(x.fwd_s > 0 and x.bwd_s > 0 for x in prof.layers)
+
+
 def test_profile_layers_refused_where_it_cannot_run() -> None:
     from charllm.capabilities import refusals
     from charllm.train.cell import CellSpec
