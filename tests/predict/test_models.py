@@ -15,7 +15,7 @@ from charllm import modelcat
 from charllm.errors import ConfigError
 from charllm.predict import memory, timing
 from charllm.predict.profile import LayerProfile, ProfileSet
-from charllm.predict.recorded import all_recorded, oom_sweeps
+from charllm.predict.recorded import Recorded, all_recorded, oom_sweeps
 
 RECORDED = all_recorded()
 OK = [r for r in RECORDED if r.outcome == "ok"]
@@ -69,12 +69,30 @@ def test_oom_boundary_of_the_h200_sweeps() -> None:
         assert max(fits) == measured
 
 
+def _fp32_weights(r: Recorded) -> bool:
+    """Whether the recorded torch run kept fp32 weights under autocast.
+
+    The H200 sweeps' profiles say so (``params_dtype``: bf16 compute copies); the torch cells of
+    tests/data/gpu and the small campaign ran before ``opt.bf16_params`` existed (fp32 weights on
+    one GPU too), except FSDP's (bf16 at the gather). Megatron keeps bf16 weights.
+    """
+    if r.profile is not None:
+        return not str(r.profile.get("provenance", {}).get("params_dtype", "")).startswith("bf16")
+    cell = r.cell
+    return cell.get("engine", "torch") == "torch" and not cell["parallel"].get("fsdp")
+
+
 def test_time_model_on_every_recorded_cell() -> None:
-    """Within 15 % on 34 of the 36 recorded cells (see docs/predict.md for the two misses)."""
+    """Within 15 % on every recorded ok cell (worst 9.0 % when fitted), MAPE at most 3 % (2.85 %).
+
+    The small micro batches of the eager H100 cells (16 and 32 per step) pay the autocast
+    weight casts and fp32 gradient accumulation once per micro batch
+    (``timing.AUTOCAST_BYTES_PER_PARAM``); without that term the mb 2 cells were 18 % short.
+    """
     errs = []
     for r in OK:
         q = memory.query_of_job_cell(r.cell)
-        est = timing.predict_step(q)
+        est = timing.predict_step(q, fp32_w=_fp32_weights(r))
         meas = r.metrics["step_time_median_s"]
         err = est.step_s / meas - 1
         errs.append((abs(err), r.source))
@@ -83,9 +101,8 @@ def test_time_model_on_every_recorded_cell() -> None:
     misses = [(round(e, 3), s) for e, s in errs if e > 0.15]
     mape = sum(e for e, _ in errs) / len(errs)
     print(f"within 15 %: {len(inside)}/{len(errs)}; MAPE {mape:.1%}; misses {misses}")
-    assert len(inside) >= 0.94 * len(errs)
-    assert all(e <= 0.20 for e, _ in errs)
-    assert mape <= 0.07
+    assert not misses
+    assert mape <= 0.03
 
 
 def test_time_model_reads_a_profile_when_one_matches() -> None:
