@@ -2,9 +2,11 @@
 
 One process, the torch engine (``charllm.train.engine_torch.TorchEngine``) built per
 configuration, eager (no ``torch.compile``: a compile per shape would cost more device time
-than the runs), bf16, one GPU. For every configuration: a few warm-up steps, then measured
-optimizer steps (wall time, device synchronised after each, as the job's loop does), the
-peak allocated memory, then ``--profile-steps`` steps under :mod:`charllm.train.layer_profile`.
+than the runs), bf16, one GPU. For every configuration: a few warm-up steps, the peak
+allocated memory, then one memory-probing profiled step and ``--profile-steps`` steps under
+:mod:`charllm.train.layer_profile`, each followed by ``--steps / --profile-steps`` measured
+optimizer steps (wall time, device synchronised after each, as the job's loop does):
+interleaved, so the profile and the measurement see the same host.
 The OOM sweep raises the micro batch (global batch = micro batch) until the first step runs
 out of memory. Everything goes to ``OUT/predict-gpu.json`` (profiles embedded: the device
 tool brings back at most 8 files);
@@ -33,7 +35,7 @@ from charllm import modelcat
 from charllm.train.cell import CellSpec
 from charllm.train.dist import detect, init_process_group
 from charllm.train.engine_torch import TorchEngine
-from charllm.train.layer_profile import profile_layers
+from charllm.train.layer_profile import LayerProfiler
 from charllm.train.oom import classify_exception
 
 
@@ -70,16 +72,35 @@ def run_config(raw: dict, denv: Any, device: torch.device, warmup: int, steps: i
     t0 = time.time()
     engine = TorchEngine(cell, denv, device)
     build_s = time.time() - t0
-    durs = []
-    for s in range(warmup + steps):
-        t = time.perf_counter()
+    for s in range(warmup):
         engine.step(s)
         engine.sync()
-        if s >= warmup:
-            durs.append(time.perf_counter() - t)
-    med = statistics.median(durs)
+    # the peak before the profiler's memory probe resets it (the warm-up steps are full steps)
     mem = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0
-    prof = profile_layers(engine, warmup + steps, prof_steps, step_time_s=med, max_mem=mem)
+    # measured and profiled steps interleaved, so both see the same host (an eager launch-bound
+    # step's time wanders by several per cent over seconds on these machines); the profiler's
+    # first step probes memory and is not timed
+    profiler = LayerProfiler(engine)
+    durs = []
+    step = warmup
+    for k in range(prof_steps + 1):
+        profiler.probe_memory = k == 0
+        with profiler:
+            profiler.begin_step()
+            engine.step(step)
+            profiler.end_step()
+            engine.sync()
+        step += 1
+        if k == 0:
+            continue
+        for _ in range(max(1, steps // max(1, prof_steps))):
+            t = time.perf_counter()
+            engine.step(step)
+            engine.sync()
+            durs.append(time.perf_counter() - t)
+            step += 1
+    med = statistics.median(durs)
+    prof = profiler.result(med, mem)
     row = {
         "name": cell.name,
         "model": cell.model.name,

@@ -39,10 +39,10 @@ fp32 moments. Pipeline parallelism is refused (its schedule interleaves micro ba
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -92,10 +92,21 @@ def _alloc(device: torch.device) -> int:
     return int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else 0
 
 
-class LayerProfiler:
-    """Hooks on one engine's model for a few steps; :meth:`result` builds the profile."""
+#: blocks timed one by one in each timed micro batch, in rotation (the stack is timed whole in
+#: every micro batch). Each timed block costs a few host-side hooks and event records, about
+#: 0.4 ms per block and micro batch on the H200 machines: timing all 24 blocks of an eager,
+#: launch-bound micro batch made it ~20 % slower than unhooked (docs/gpu/predict-h200-run3.json)
+SAMPLED_BLOCKS = 2
 
-    def __init__(self, engine: Any) -> None:
+
+class LayerProfiler:
+    """Hooks on one engine's model for a few steps; :meth:`result` builds the profile.
+
+    Usable as a context manager more than once (the hooks are on only inside ``with``), so
+    profiled steps can be interleaved with plain ones; :meth:`result` reads all of them.
+    """
+
+    def __init__(self, engine: Any, sampled_blocks: int = SAMPLED_BLOCKS) -> None:
         if getattr(engine, "schedule", None) is not None:
             raise ValueError("profile: layers needs pp = 1 (a pipeline schedule interleaves micro batches)")
         self.engine = engine
@@ -103,33 +114,60 @@ class LayerProfiler:
         self.model: nn.Module = engine.stage_model
         self.clock = _Clock(self.device)
         self.handles: list[Any] = []
+        self.mb_handles: list[Any] = []
         self.originals: dict[str, nn.Module] = {}
+        self.wrappers: dict[int, _Timed] = {}
+        layers: Any = self.model.layers
+        self.ids = sorted(int(k) for k in layers)
+        self.sampled_blocks = max(1, sampled_blocks)
+        self._rotation = 0
         self.mb_marks: list[dict[str, Any]] = []  # one dict of marks per micro batch
         self.opt_marks: list[tuple[Any, Any]] = []
         # per profiled step: (start mark, index of its first micro batch, its optimizer marks, end mark)
         self.step_marks: list[tuple[Any, int, tuple[Any, Any], Any]] = []
         self._step_open: tuple[Any, int] | None = None
-        self.mem: dict[str, list[int]] = defaultdict(list)
         self._opt_start: Any = None
         # memory probes (torch.cuda.memory_stats builds a dict per call) slow a launch-bound step:
-        # the first profiled step probes memory, the later ones are timed without probes
+        # the first profiled step probes memory (every block), the later ones are timed without probes
         self.probe_memory = True
+        self.clock.reserve(64 * (4 * self.sampled_blocks + 12) + 8 * len(self.ids))
+
+    # ---- which blocks a micro batch times ---------------------------------------------------
+    def _timed_blocks(self, probe: bool) -> frozenset[int]:
+        """Every block when probing memory; else ``sampled_blocks`` spread over the stack, rotating."""
+        if probe:
+            return frozenset(self.ids)
+        n = len(self.ids)
+        stride = max(1, -(-n // self.sampled_blocks))
+        c = self._rotation % stride
+        self._rotation += 1
+        return frozenset(self.ids[p] for p in range(c, n, stride))
+
+    def _hook_micro_batch(self, timed: frozenset[int]) -> None:
+        """Hooks for this micro batch: the timed blocks, the block after each, the stack's ends."""
+        for h in self.mb_handles:
+            h.remove()
+        self.mb_handles.clear()
+        first, last = self.ids[0], self.ids[-1]
+        pos = {b: k for k, b in enumerate(self.ids)}
+        pre = set(timed) | {first} | {self.ids[pos[b] + 1] for b in timed if b != last}
+        post = set(timed) | {last}
+        for b in pre:
+            self.mb_handles.append(self.wrappers[b].register_forward_pre_hook(self._block_pre))
+        for b in post:
+            self.mb_handles.append(self.wrappers[b].register_forward_hook(self._block_post))
 
     # ---- hooks ---------------------------------------------------------------------------
     def _cur(self) -> dict[str, Any]:
         return self.mb_marks[-1]
 
-    def _on(self, key: str) -> Callable[..., None]:
-        def hook(*_: Any) -> None:
-            if self.mb_marks and key not in self._cur():
-                self._cur()[key] = self.clock.mark()
-
-        return hook
-
     def _model_pre(self, _mod: nn.Module, _args: Any) -> None:
-        self.mb_marks.append({"mb_start": self.clock.mark(), "calls": defaultdict(int), "probe": self.probe_memory})
-        if self.probe_memory:
+        probe = self.probe_memory
+        timed = self._timed_blocks(probe)
+        self.mb_marks.append({"mb_start": self.clock.mark(), "calls": defaultdict(int), "probe": probe, "timed": timed})
+        if probe:
             self._cur()["mem_start"] = _alloc(self.device)
+        self._hook_micro_batch(timed)
 
     def _model_post(self, _mod: nn.Module, _args: Any, _out: Any) -> None:
         cur = self._cur()
@@ -149,7 +187,7 @@ class LayerProfiler:
         if cur["probe"]:
             cur[f"m{i}"] = _alloc(self.device)
         x = args[0]
-        if isinstance(x, torch.Tensor) and x.requires_grad:
+        if (i in cur["timed"] or i == self.ids[0]) and isinstance(x, torch.Tensor) and x.requires_grad:
             x.register_hook(lambda g, i=i: self._grad_mark(f"gi{i}", g))
 
     def _block_post(self, mod: nn.Module, _args: Any, out: Any) -> None:
@@ -176,7 +214,7 @@ class LayerProfiler:
     def _opt_post(self, *_: Any) -> None:
         self.opt_marks.append((self._opt_start, self.clock.mark()))
         if self.mb_marks:
-            self.mb_marks[-1]["next"] = self._opt_start
+            self.mb_marks[-1].setdefault("next", self._opt_start)
 
     def begin_step(self) -> None:
         """Mark an optimizer step's start (call right before ``engine.step``)."""
@@ -190,17 +228,16 @@ class LayerProfiler:
         self._step_open = None
         if first_mb < len(self.mb_marks):
             self.step_marks.append((start, first_mb, self.opt_marks[-1], self.clock.mark()))
+            self.mb_marks[-1].setdefault("next", self.opt_marks[-1][0])
 
     def __enter__(self) -> LayerProfiler:
         layers: Any = self.model.layers
-        self.clock.reserve(64 * (6 * len(layers) + 8))
         for key in list(layers.keys()):
             block = layers[key]
             self.originals[key] = block
-            timed = _Timed(block, int(key))
-            self.handles.append(timed.register_forward_pre_hook(self._block_pre))
-            self.handles.append(timed.register_forward_hook(self._block_post))
-            layers[key] = timed
+            if int(key) not in self.wrappers:
+                self.wrappers[int(key)] = _Timed(block, int(key))
+            layers[key] = self.wrappers[int(key)]
         self.handles.append(self.model.register_forward_pre_hook(self._model_pre))
         self.handles.append(self.model.register_forward_hook(self._model_post))
         opt = self.engine.optimizer
@@ -209,8 +246,10 @@ class LayerProfiler:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for h in self.handles:
+        for h in self.handles + self.mb_handles:
             h.remove()
+        self.handles.clear()
+        self.mb_handles.clear()
         layers: Any = self.model.layers
         for key, block in self.originals.items():
             layers[key] = block
@@ -219,18 +258,33 @@ class LayerProfiler:
     def result(self, step_time_s: float = 0.0, max_memory_allocated_bytes: int = 0) -> LayerProfile:
         """Medians over the recorded micro batches (call after the steps and a device sync)."""
         cell = self.engine.cell
-        ids = sorted(int(k) for k in self.originals)
+        ids = self.ids
         span = self.clock.span
-        # the next micro batch's start closes the previous one's embedding backward
-        for a, b in zip(self.mb_marks, self.mb_marks[1:], strict=False):
-            a.setdefault("next", b["mb_start"])
-        need = ["next", "root_end"] + [f"{k}{i}" for i in ids for k in ("f", "fe", "go", "gi")]
-        done = [m for m in self.mb_marks if all(k in m for k in need)]
+        # the next micro batch's start closes the previous one's embedding backward (same step)
+        step_of = {}
+        for k, (_, first_mb, _, _) in enumerate(self.step_marks):
+            step_of[first_mb] = k
+        for n, (a, b) in enumerate(zip(self.mb_marks, self.mb_marks[1:], strict=False)):
+            if n + 1 not in step_of:
+                a.setdefault("next", b["mb_start"])
+        first, last = ids[0], ids[-1]
+        pos = {b: k for k, b in enumerate(ids)}
+        stack = ["next", "root_end", f"f{first}", f"fe{last}", f"go{last}", f"gi{first}"]
+
+        def complete(m: dict[str, Any]) -> bool:
+            if not all(k in m for k in stack):
+                return False
+            for i in m["timed"]:
+                after = f"f{ids[pos[i] + 1]}" if i != last else f"fe{i}"
+                if not all(k in m for k in (f"f{i}", after, f"go{i}", f"gi{i}")):
+                    return False
+            return True
+
+        done = [m for m in self.mb_marks if complete(m)]
         probed = [m for m in done if m["probe"]]
         mbs = [m for m in done if not m["probe"]] or probed  # one profiled step: its probed times
         if not mbs or not probed:
             raise RuntimeError("no complete micro batch was profiled")
-        first, last = ids[0], ids[-1]
         cols: dict[str, list[float]] = defaultdict(list)
         acts: dict[str, list[int]] = defaultdict(list)
         for m in mbs:
@@ -238,16 +292,14 @@ class LayerProfiler:
             cols["emb_b"].append(span(m[f"gi{first}"], m["next"]))
             cols["head_f"].append(span(m[f"fe{last}"], m["root_end"]))
             cols["head_b"].append(span(m["root_end"], m[f"go{last}"]))
+            cols["stack_f"].append(span(m[f"f{first}"], m[f"fe{last}"]))
+            cols["stack_b"].append(span(m[f"go{last}"], m[f"gi{first}"]))
             cols["batch"].append(span(m["mb_start"], m["next"]))
-            for j, i in enumerate(ids):
-                # to the next block's start / the previous block's output gradient: no gaps
-                fwd_end = m[f"f{ids[j + 1]}"] if i != last else m[f"fe{i}"]
-                bwd_end = m[f"go{ids[j - 1]}"] if i != first else m[f"gi{i}"]
-                cols[f"f{i}"].append(span(m[f"f{i}"], fwd_end))
-                cols[f"b{i}"].append(span(m[f"go{i}"], bwd_end))
-        timed_steps = [s for s in self.step_marks if not self.mb_marks[s[1]]["probe"]] or self.step_marks
-        overheads = [span(a, self.mb_marks[k]["mb_start"]) + span(o[1], b) for a, k, o, b in timed_steps]
-        step_walls = [span(a, b) for a, _, _, b in timed_steps]
+            for i in m["timed"]:
+                # to the next block's start (host time between two blocks is the first one's)
+                after = m[f"f{ids[pos[i] + 1]}"] if i != last else m[f"fe{i}"]
+                cols[f"f{i}"].append(span(m[f"f{i}"], after))
+                cols[f"b{i}"].append(span(m[f"go{i}"], m[f"gi{i}"]))
         for m in probed:
             acts["emb"].append(m[f"m{first}"] - m["mem_start"])
             if "head_peak" in m:
@@ -262,16 +314,27 @@ class LayerProfiler:
             v = acts.get(key) or [0]
             return max(0, int(statistics.median(v)))
 
+        def shares(kind: str, total: float) -> dict[int, float]:
+            """The stack's time split by the timed blocks' medians (a block never timed: their mean)."""
+            own = {i: med(f"{kind}{i}") for i in ids if cols.get(f"{kind}{i}")}
+            mean = statistics.fmean(own.values()) if own else 1.0
+            raw = {i: own.get(i, mean) for i in ids}
+            tot = math.fsum(raw.values())
+            return {i: total * v / tot if tot > 0 else total / len(ids) for i, v in raw.items()}
+
+        fwd = shares("f", med("stack_f"))
+        bwd = shares("b", med("stack_b"))
         model = self.model
         emb_params = self._params_of(model, ("tok_emb", "pos_emb"))
         head_params = self._params_of(model, ("norm", "output"))
         layers = [self._cost("embedding", "embedding", med("emb_f"), med("emb_b"), amed("emb"), emb_params)]
         for i in ids:
             blk = self.originals[str(i)]
-            layers.append(
-                self._cost(f"block.{i}", "block", med(f"f{i}"), med(f"b{i}"), amed(f"a{i}"), list(blk.parameters()))
-            )
+            layers.append(self._cost(f"block.{i}", "block", fwd[i], bwd[i], amed(f"a{i}"), list(blk.parameters())))
         layers.append(self._cost("head", "head", med("head_f"), med("head_b"), amed("head"), head_params))
+        timed_steps = [s for s in self.step_marks if not self.mb_marks[s[1]]["probe"]] or self.step_marks
+        overheads = [span(a, self.mb_marks[k]["mb_start"]) + span(o[1], b) for a, k, o, b in timed_steps]
+        step_walls = [span(a, b) for a, _, _, b in timed_steps]
         opt = [o for _, _, o, _ in timed_steps] or self.opt_marks  # the timed steps' (no memory probes)
         opt_s = float(statistics.median(span(a, b) for a, b in opt)) if opt else 0.0
         return LayerProfile(
@@ -286,7 +349,7 @@ class LayerProfiler:
             model=cell.model,
             layers=tuple(layers),
             optimizer_step_s=opt_s,
-            batch_time_s=float(statistics.median(cols["batch"])),
+            batch_time_s=med("batch"),
             step_overhead_s=max(0.0, float(statistics.median(overheads))) if overheads else 0.0,
             step_time_s=step_time_s,
             grad_accum=cell.grad_accum,
@@ -295,11 +358,13 @@ class LayerProfiler:
             provenance={
                 "cell_id": cell.cell_id,
                 "micro_batches_profiled": len(mbs),
+                "blocks_timed_per_micro_batch": min(self.sampled_blocks, len(ids)),
                 "steps_profiled": len(timed_steps),
                 "profiled_step_s": float(statistics.median(step_walls)) if step_walls else 0.0,
                 "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
                 "torch": torch.__version__,
-                "method": "charllm.train.layer_profile (CUDA events via module and tensor hooks, telescoping)",
+                "method": "charllm.train.layer_profile (CUDA events via module and tensor hooks; the stack "
+                "whole in every micro batch, blocks in rotation, telescoping)",
                 "params_dtype": "bf16 compute copies + fp32 master"
                 if getattr(self.engine, "bf16_params", False) or cell.parallel.fsdp
                 else "fp32",

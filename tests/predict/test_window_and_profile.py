@@ -66,7 +66,7 @@ def _replay_cell(cell: dict, **kw: Any) -> dict[str, Any]:
 def test_window_replay_data_is_every_recorded_step_log() -> None:
     """logs.json holds every recorded step log of the repository, and its numbers are the recorded ones."""
     have = {c["source"] for c in REPLAY["cells"]} | {x["source"] for x in REPLAY["durations_only"]}
-    have.add(REPLAY["measured_adaptively"]["source"])
+    have |= {x["source"] for x in REPLAY["measured_adaptively"]}
     for r in all_recorded():
         if r.step_times_s:
             src = r.source.removesuffix("/result.json").replace("tests/data/gpu/", "tests/data/gpu:")
@@ -88,12 +88,25 @@ def test_window_replay_data_is_every_recorded_step_log() -> None:
             r = c["ranks"][0]
             e = counter_delta(np.asarray(r["t_s"]), np.asarray(r["energy_j"]), t0, t1)
             assert e == pytest.approx(rec["counter_window_j"], abs=0.01), c["source"]
-    # the one job that measured adaptively on the GPU: its step log reproduces its decision
-    m = REPLAY["measured_adaptively"]
-    d, mw = m["durations_s"], m["measure_window"]
-    stop = window.should_stop(d, sum(d), len(d) + 1)
-    assert stop.stop and stop.reason == mw["reason"] == "ci+energy" and len(d) == mw["measured_steps"]
-    assert not window.should_stop(d[:-1], sum(d[:-1]), len(d) + 1).stop
+    # the jobs that measured adaptively on the GPU (predict-h200-job.json's; window-long's
+    # gpt3-1.3b-mb8-gb8-adaptive, with telemetry): each step log reproduces the job's own stop
+    assert len(REPLAY["measured_adaptively"]) == 2
+    for m in REPLAY["measured_adaptively"]:
+        mw = m["measure_window"]
+        if "steps" in m:  # step timestamps: the window is first start to last end, as the job's
+            d = [b - a for a, b in m["steps"]]
+            spans = [b - m["steps"][0][0] for _, b in m["steps"]]
+            assert spans[-1] == pytest.approx(mw["window_s"], abs=1e-4)
+            assert statistics.median(d) == pytest.approx(m["recorded"]["step_time_median_s"], rel=1e-5)
+            e = _energy(m, m["steps"][-1][1], "power_w") / len(d)
+            assert e == pytest.approx(m["recorded"]["energy_per_step_j"], rel=1e-4), m["source"]
+        else:
+            d = m["durations_s"]
+            spans = [sum(d[:i]) for i in range(1, len(d) + 1)]
+        stop = window.should_stop(d, spans[-1], len(d) + 1)
+        assert stop.stop and stop.reason == mw["reason"] == "ci+energy" and len(d) == mw["measured_steps"]
+        assert stop.ci_half_width_rel == pytest.approx(mw["ci_half_width_rel"], rel=1e-6)
+        assert not window.should_stop(d[:-1], spans[-2], len(d) + 1).stop, m["source"]
 
 
 @pytest.mark.parametrize("energy_floor", [True, False], ids=["full-rule", "ci-rule-only"])
@@ -167,14 +180,18 @@ def test_job_profile_layers_and_adaptive_window_on_cpu(tmp_path: Path) -> None:
 
 def test_layer_profile_telescopes_to_the_step(tmp_path: Path) -> None:
     """One timed step of one micro batch: the layers, optimizer and step overhead add up to the
-    profiled step exactly (the marks leave no gap: host time between blocks is a block's)."""
+    profiled step exactly (the marks leave no gap: host time between blocks is a block's). Six
+    blocks, two timed one by one (the rest of the stack whole): the split still adds up."""
+    from charllm.train.layer_profile import SAMPLED_BLOCKS
     from charllm.train.run import run
+    from tests.train.conftest import EXAMPLE_CELL
 
     cell = make_cell(
         opt={"profile_mode": "layers", "profile_steps": 1},
         warmup={"min_steps": 0, "max_steps": 0},
         steps=2,
         global_batch=2,
+        model={**EXAMPLE_CELL["model"], "n_layers": 6},
     )
     path = tmp_path / "cell.json"
     path.write_text(json.dumps(cell))
@@ -187,6 +204,7 @@ def test_layer_profile_telescopes_to_the_step(tmp_path: Path) -> None:
         f"vs the step {wall:.6f} s"
     )
     assert prof.grad_accum == 1 and prof.provenance["steps_profiled"] == 1
+    assert prof.n_layers == 6 and prof.provenance["blocks_timed_per_micro_batch"] == SAMPLED_BLOCKS == 2
     assert prof.layers_time_s() == pytest.approx(prof.batch_time_s, rel=1e-9)
     assert prof.step_overhead_s > 0
     assert prof.profiled_step_s() == pytest.approx(wall, rel=1e-9)
