@@ -4,8 +4,10 @@ The models are checked (and their coefficients were fitted) against these: ``tes
 (cell.json + result.json + steps.csv), the small campaign's results store
 (``docs/gpu/small-campaign/results.tgz``), the megatron engine's runs
 (``docs/gpu/validate-h200-megatron-complete-runs.tar.gz``) and the issue-14 H200 sweeps
-(``docs/gpu/predict-h200-run*.json``, which also hold layer profiles and an OOM sweep) and the
-in-job check (``docs/gpu/predict-h200-job.json``: ``profile: layers`` and ``window: adaptive``).
+(``docs/gpu/predict-h200-run*.json``, which also hold layer profiles; run1 and run2 an OOM sweep),
+the in-job check (``docs/gpu/predict-h200-job.json``: ``profile: layers`` and ``window: adaptive``)
+and the long-window cells on one H200 (``docs/gpu/window-long/runs-{a,b}.tgz``: 11 fixed windows of
+46-69 s and one job that measured with ``window: adaptive``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class Recorded:
     metrics: dict[str, float] = field(default_factory=dict)
     step_times_s: tuple[float, ...] = ()  # measured steps, in order
     profile: dict[str, Any] | None = None  # a layer profile taken in the same process
+    params: str | None = None  # the job's weights (``provenance.engine.params``) where recorded
 
     @property
     def name(self) -> str:
@@ -89,6 +92,7 @@ def _from_tar(path: Path, prefix_cell: str = "cell.json") -> list[Recorded]:
                     str(res.get("outcome")),
                     dict(res.get("metrics") or {}),
                     steps,
+                    params=((res.get("provenance") or {}).get("engine") or {}).get("params"),
                 )
             )
     return out
@@ -146,10 +150,12 @@ def _from_predict_job(path: Path) -> list[Recorded]:
 
 
 def oom_sweeps() -> list[tuple[str, list[dict[str, Any]]]]:
-    """The micro-batch OOM sweeps of the H200 runs: (file, rows)."""
+    """The micro-batch OOM sweeps of the H200 runs that have one: (file, rows) (run3 has none)."""
     out = []
     for p in sorted((REPO / "docs" / "gpu").glob("predict-h200-run*.json")):
-        out.append((str(p.relative_to(REPO)), json.loads(p.read_text()).get("oom", [])))
+        rows = json.loads(p.read_text()).get("oom", [])
+        if rows:
+            out.append((str(p.relative_to(REPO)), rows))
     return out
 
 
@@ -163,6 +169,8 @@ def all_recorded() -> list[Recorded]:
     for tar in (
         REPO / "docs" / "gpu" / "small-campaign" / "results.tgz",
         REPO / "docs" / "gpu" / "validate-h200-megatron-complete-runs.tar.gz",
+        REPO / "docs" / "gpu" / "window-long" / "runs-a.tgz",
+        REPO / "docs" / "gpu" / "window-long" / "runs-b.tgz",
     ):
         if tar.exists():
             out.extend(_from_tar(tar))

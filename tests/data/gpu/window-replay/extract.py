@@ -5,7 +5,8 @@ It reads the archives and directories listed in ``SOURCES`` (nothing else), keep
 measured steps (start, end) and, per rank, the telemetry samples from 1 s before the first
 measured step to 1 s after the last (time, ``power_w``, NVML ``energy_total_j``), and writes them
 with times relative to the first measured step's start and the counter relative to its first
-kept sample. Cells without measured steps (OOM) are listed under ``excluded``.
+kept sample. Cells without measured steps (OOM) are listed under ``excluded``; jobs that measured
+with ``window: adaptive`` themselves (no fixed-window reference) under ``measured_adaptively``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ SOURCES = (
     "docs/gpu/validate-h200-megatron-complete-runs.tar.gz",
     "docs/gpu/nemo/h200-nemo-vs-megatron-runs.tar.gz",
     "docs/gpu/kwai-remat-1gpu-run/charllm-home.tgz",
+    "docs/gpu/window-long/runs-a.tgz",  # long fixed windows (46-69 s) on one H200, and one adaptive job
+    "docs/gpu/window-long/runs-b.tgz",
 )
 
 
@@ -56,6 +59,7 @@ def _cell(source: str, base: str, files: dict[str, bytes]) -> dict | None:
             }
         )
     metrics = res.get("metrics") or {}
+    window = (res.get("provenance") or {}).get("measure_window")
     cell_key = next((k for k in (base + "cell.json", base.rsplit("out/", 1)[0] + "cell.json") if k in files), None)
     cell = json.loads(files[cell_key]) if cell_key else {}
     return {
@@ -76,6 +80,7 @@ def _cell(source: str, base: str, files: dict[str, bytes]) -> dict | None:
             for k in ("measured_steps", "step_time_median_s", "energy_per_step_j", "energy_j")
             if k in metrics
         },
+        **({"measure_window": window} if window and window.get("mode") == "adaptive" else {}),
     }
 
 
@@ -95,6 +100,7 @@ def _files_of(src: Path) -> dict[str, bytes]:
 def main() -> None:
     cells: list[dict] = []
     excluded: list[dict] = []
+    measured_adaptively: list[dict] = []
     for rel in SOURCES:
         files = _files_of(REPO / rel)
         for name in sorted(files):
@@ -104,7 +110,11 @@ def main() -> None:
             c = _cell(rel, base, files)
             if c is None:
                 continue
-            (excluded if "why" in c else cells).append(c)
+            if "measure_window" in c:  # measured with window: adaptive: no fixed-window reference
+                c["why"] = "measured with window: adaptive (no fixed-window reference)"
+                measured_adaptively.append(c)
+            else:
+                (excluded if "why" in c else cells).append(c)
     # the Perseus stage profile (run2): each stage's iterations and the raw NVML counter series
     prof = REPO / "docs" / "gpu" / "perseus-stage-profile-h200"
     series = pd.read_csv(prof / "run2" / "energy_series.csv").sort_values("unix_s")
@@ -163,12 +173,14 @@ def main() -> None:
             )
     job = json.loads((REPO / "docs" / "gpu" / "predict-h200-job.json").read_text())["job"]
     jsteps = pd.read_csv(io.StringIO(job["steps_csv"]))
-    measured_adaptively = {
-        "source": "docs/gpu/predict-h200-job.json:job",
-        "durations_s": [float(x) for x in jsteps[jsteps["phase"] == "measure"]["duration_s"]],
-        "measure_window": job["measure_window"],
-        "why": "measured with window: adaptive (no fixed-window reference); no energy series",
-    }
+    measured_adaptively.append(
+        {
+            "source": "docs/gpu/predict-h200-job.json:job",
+            "durations_s": [float(x) for x in jsteps[jsteps["phase"] == "measure"]["duration_s"]],
+            "measure_window": job["measure_window"],
+            "why": "measured with window: adaptive (no fixed-window reference); no energy series",
+        }
+    )
     OUT.write_text(
         json.dumps(
             {
