@@ -119,8 +119,9 @@ def run_config(raw: dict, denv: Any, device: torch.device, warmup: int, steps: i
         "profiled_steps_s": prof.provenance.get("profiled_step_s", 0.0),
     }
     own = row["profiled_steps_s"]
+    row["step_time_mean_s"] = statistics.fmean(durs)
     print(
-        f"{cell.name:<36} step {med:.4f} s  profile sum {prof.profiled_step_s():.4f} s "
+        f"{cell.name:<36} step {med:.4f} s (mean {row['step_time_mean_s']:.4f}, n {len(durs)})  profile sum {prof.profiled_step_s():.4f} s "
         f"({row['profile_over_measured']:.3f}; profiled steps {own:.4f} s, "
         f"{prof.profiled_step_s() / own if own else float('nan'):.3f})  overhead {prof.step_overhead_s * 1e3:.1f} ms  "
         f"peak {mem / 2**30:.2f} GiB  build {build_s:.1f} s",
@@ -208,6 +209,7 @@ def main() -> int:
     ap.add_argument("--sections", default="sweep,llama,oom", help="sweep,llama,oom,job")
     ap.add_argument("--steps", type=int, default=5, help="measured steps per configuration")
     ap.add_argument("--profile-steps", type=int, default=2, help="profiled steps per configuration")
+    ap.add_argument("--only", default="", help="comma-separated configuration names (default: all)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -228,16 +230,17 @@ def main() -> int:
     sections = set(args.sections.split(","))
     if args.cpu:
         shape, seq, mbs, gb = modelcat.get("tiny"), 64, [1, 2], 4
-        warm, steps, pst = 1, 3, 2
+        warm, steps, pst = 1, args.steps, args.profile_steps
     else:
         shape, seq, mbs, gb = modelcat.get("gpt3-1.3b"), 2048, [1, 2, 4, 8], 8
         warm, steps, pst = 3, args.steps, args.profile_steps
+    only = {x for x in args.only.split(",") if x}
     if "sweep" in sections:
         for rc in (False, True):
             for mb in mbs:
-                res["sweep"].append(
-                    run_config(cell_dict(shape, mb, gb, seq, rc, gpu, prec), denv, device, warm, steps, pst, out)
-                )
+                raw = cell_dict(shape, mb, gb, seq, rc, gpu, prec)
+                if not only or raw["name"] in only:
+                    res["sweep"].append(run_config(raw, denv, device, warm, steps, pst, out))
     if "llama" in sections:
         lshape = modelcat.get("tiny-llama") if args.cpu else modelcat.get("llama3-8b", 2)
         lseq = 64 if args.cpu else 8192

@@ -47,7 +47,7 @@ JSON (``schema: "charllm.layer-profile/1"``), one file per key, named
       "provenance": {...}            # free-form: cell id, device name, torch version, method
     }
 
-Times are medians over the profiled steps' micro batches. Bytes are per rank, as held
+Times are means over the profiled steps' micro batches (so they add up to the step). Bytes are per rank, as held
 (``saved_activation_bytes`` of a compiled block is what inductor keeps, not a formula).
 """
 

@@ -4,7 +4,8 @@ After the measured window the job runs ``opt.profile_steps`` more steps with CUD
 (``time.perf_counter`` on CPU) recorded by module hooks, and writes one
 :class:`charllm.predict.profile.LayerProfile` (``profiles/{gpu}_tp{tp}_mb{mb}.json``).
 
-How each number is taken, per micro batch (medians over the profiled steps' micro batches).
+How each number is taken, per micro batch (means over the profiled steps' micro batches: means
+add up, so the parts make the mean micro batch and the mean profiled step exactly; memory: medians).
 The marks telescope: the forward pieces cover the micro batch's start to the model's output
 and the backward pieces the model's output to the next micro batch, without gaps, so the
 layers add up to the micro batch as measured (host time between two blocks, which bounds an
@@ -256,7 +257,7 @@ class LayerProfiler:
 
     # ---- the result ----------------------------------------------------------------------
     def result(self, step_time_s: float = 0.0, max_memory_allocated_bytes: int = 0) -> LayerProfile:
-        """Medians over the recorded micro batches (call after the steps and a device sync)."""
+        """Means over the recorded micro batches (call after the steps and a device sync)."""
         cell = self.engine.cell
         ids = self.ids
         span = self.clock.span
@@ -307,15 +308,15 @@ class LayerProfiler:
             for i in ids:
                 acts[f"a{i}"].append(m[f"me{i}"] - m[f"m{i}"])
 
-        def med(key: str) -> float:
-            return float(statistics.median(cols[key]))
+        def med(key: str) -> float:  # a mean: the parts must add up to the whole
+            return float(statistics.fmean(cols[key]))
 
         def amed(key: str) -> int:
             v = acts.get(key) or [0]
             return max(0, int(statistics.median(v)))
 
         def shares(kind: str, total: float) -> dict[int, float]:
-            """The stack's time split by the timed blocks' medians (a block never timed: their mean)."""
+            """The stack's time split by the timed blocks' means (a block never timed: their mean)."""
             own = {i: med(f"{kind}{i}") for i in ids if cols.get(f"{kind}{i}")}
             mean = statistics.fmean(own.values()) if own else 1.0
             raw = {i: own.get(i, mean) for i in ids}
@@ -336,7 +337,7 @@ class LayerProfiler:
         overheads = [span(a, self.mb_marks[k]["mb_start"]) + span(o[1], b) for a, k, o, b in timed_steps]
         step_walls = [span(a, b) for a, _, _, b in timed_steps]
         opt = [o for _, _, o, _ in timed_steps] or self.opt_marks  # the timed steps' (no memory probes)
-        opt_s = float(statistics.median(span(a, b) for a, b in opt)) if opt else 0.0
+        opt_s = float(statistics.fmean(span(a, b) for a, b in opt)) if opt else 0.0
         return LayerProfile(
             gpu_type=cell.gpu_type,
             tp=cell.parallel.tp,
@@ -350,7 +351,7 @@ class LayerProfiler:
             layers=tuple(layers),
             optimizer_step_s=opt_s,
             batch_time_s=med("batch"),
-            step_overhead_s=max(0.0, float(statistics.median(overheads))) if overheads else 0.0,
+            step_overhead_s=max(0.0, float(statistics.fmean(overheads))) if overheads else 0.0,
             step_time_s=step_time_s,
             grad_accum=cell.grad_accum,
             max_memory_allocated_bytes=max_memory_allocated_bytes,
@@ -360,7 +361,7 @@ class LayerProfiler:
                 "micro_batches_profiled": len(mbs),
                 "blocks_timed_per_micro_batch": min(self.sampled_blocks, len(ids)),
                 "steps_profiled": len(timed_steps),
-                "profiled_step_s": float(statistics.median(step_walls)) if step_walls else 0.0,
+                "profiled_step_s": float(statistics.fmean(step_walls)) if step_walls else 0.0,
                 "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
                 "torch": torch.__version__,
                 "method": "charllm.train.layer_profile (CUDA events via module and tensor hooks; the stack "

@@ -204,18 +204,18 @@ def test_job_profile_layers_and_adaptive_window_on_cpu(tmp_path: Path) -> None:
 
 
 def test_layer_profile_telescopes_to_the_step(tmp_path: Path) -> None:
-    """One timed step of one micro batch: the layers, optimizer and step overhead add up to the
-    profiled step exactly (the marks leave no gap: host time between blocks is a block's). Six
-    blocks, two timed one by one (the rest of the stack whole): the split still adds up."""
+    """The layers, optimizer and step overhead add up to the profiled steps exactly (the marks
+    leave no gap: host time between blocks is a block's; means add up). Six blocks, two timed one
+    by one per micro batch (the rest of the stack whole): the split still adds up."""
     from charllm.train.layer_profile import SAMPLED_BLOCKS
     from charllm.train.run import run
     from tests.train.conftest import EXAMPLE_CELL
 
     cell = make_cell(
-        opt={"profile_mode": "layers", "profile_steps": 1},
+        opt={"profile_mode": "layers", "profile_steps": 3},
         warmup={"min_steps": 0, "max_steps": 0},
         steps=2,
-        global_batch=2,
+        global_batch=4,
         model={**EXAMPLE_CELL["model"], "n_layers": 6},
     )
     path = tmp_path / "cell.json"
@@ -228,7 +228,7 @@ def test_layer_profile_telescopes_to_the_step(tmp_path: Path) -> None:
         f"{prof.optimizer_step_s:.6f} + overhead {prof.step_overhead_s:.6f} = {prof.profiled_step_s():.6f} "
         f"vs the step {wall:.6f} s"
     )
-    assert prof.grad_accum == 1 and prof.provenance["steps_profiled"] == 1
+    assert prof.grad_accum == 2 and prof.provenance["steps_profiled"] == 3
     assert prof.n_layers == 6 and prof.provenance["blocks_timed_per_micro_batch"] == SAMPLED_BLOCKS == 2
     assert prof.layers_time_s() == pytest.approx(prof.batch_time_s, rel=1e-9)
     assert prof.step_overhead_s > 0
