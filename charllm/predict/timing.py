@@ -65,6 +65,10 @@ MEGATRON_HOST_S_PER_LAYER = 1.0e-3
 #: the host's speed relative to the H200 machines' (the recorded H100 machine launched faster:
 #: small campaign mb 1 with recompute, launch-bound)
 HOST_FACTOR: dict[str, float] = {"h200": 1.0, "h100": 0.7, "a100": 1.0, "cpu": 1.0}
+#: a measured profile is floored at this share of the fitted launch time: the fastest of six leases
+#: that ran the launch-bound 1.3B mb 1 cell (0.510 s, docs/gpu/predict-h200-run4.json, against the
+#: 0.59 s the fitted constant gives) launched 0.83x as long per layer; a floor must be a lower bound
+HOST_FLOOR_SHARE = 0.83
 RECOMPUTE_FWD_SHARE = 0.75  # recompute costs this share of the blocks' profiled forward (H200 mb 4/8)
 #: optimizer step seconds per parameter of the rank (fused AdamW, HBM bound), per GPU type
 OPT_S_PER_PARAM: dict[str, float] = {"h200": 9.0e-12, "h100": 12.0e-12, "a100": 16.0e-12, "cpu": 2e-9}
@@ -233,8 +237,8 @@ def predict_step(
         first, last = s == 0, s == q.pp - 1
         if prof is not None:
             busy = _mb_compute_profile(q, prof, n, first, last)
-            # a profile taken on a faster host does not beat this job's kernel-launch floor
-            t = max(busy, (n + (1 if last else 0)) * host_s_per_layer(q))
+            # a profile taken on a faster host does not beat the fastest kernel-launch rate recorded
+            t = max(busy, (n + (1 if last else 0)) * host_s_per_layer(q) * HOST_FLOOR_SHARE)
         else:
             t, busy = _mb_compute_roofline(q, n, first, last, fp32_w)
         # TP: 4 all-reduces of the micro batch's activations per layer (2 forward, 2 backward)
@@ -277,7 +281,9 @@ def predict_step(
         / max(1, dp if (q.zero >= 1 or q.fsdp or q.engine == "megatron") else 1)
         * OPT_S_PER_PARAM.get(q.gpu_type, 12e-12)
     )
-    step = compute + bubble + p2p + exposed_dp + opt_s + STEP_OVERHEAD_S
+    # the step around its micro batches: measured by a profile that has it, else the fitted constant
+    overhead = prof.step_overhead_s if prof is not None and prof.step_overhead_s > 0 else STEP_OVERHEAD_S
+    step = compute + bubble + p2p + exposed_dp + opt_s + overhead
     tokens_step = q.global_batch * q.seq_len
     peak = peak_flops(q.gpu_type, q.precision) or 0.0
     mfu = model_flops_per_token(shape, q.seq_len) * tokens_step / step / (q.world_size * peak) if peak else math.nan
