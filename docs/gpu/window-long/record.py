@@ -58,34 +58,16 @@ ADAPTIVE_OF = "gpt3-1.3b-mb8-gb8"
 
 
 def make_cells() -> dict[str, dict]:
+    from benchmarks.predict_gpu import cell_dict
     from charllm import modelcat
     from charllm.predict import memory, timing
 
     out: dict[str, dict] = {}
     for name, (model, layers, mb, gb, seq, rc) in CELLS.items():
         shape = modelcat.get(model, layers) if layers else modelcat.get(model)
-        cell = {
-            "campaign": "window-long",
-            "cell_id": name,
-            "name": name,
-            "seed": 1234,
-            "model": shape.as_dict(),
-            "parallel": {"tp": 1, "pp": 1, "dp": 1, "cp": 1, "ep": 1, "fsdp": False},
-            "micro_batch": mb,
-            "global_batch": gb,
-            "seq_len": seq,
-            "opt": {
-                "recompute": rc != "none",
-                "recompute_granularity": rc if rc != "none" else "full",
-                "overlap": False,
-                "compile": False,
-                "window": "fixed",
-            },
-            "engine": "torch",
-            "precision": "bf16",
-            "gpu_type": "h200",
-            "world_size": 1,
-        }
+        cell = cell_dict(shape, mb, gb, seq, rc != "none", "h200", "bf16")
+        cell.update(campaign="window-long", cell_id=name, name=name)
+        cell["opt"].update(recompute_granularity=rc if rc != "none" else "full", window="fixed")
         est = timing.predict_step(memory.query_of_job_cell(cell)).step_s
         cell["steps"] = int(min(MAX_STEPS, math.ceil(WINDOW_S / est)))
         cell["warmup"] = {"min_steps": 5, "max_steps": int(max(10, math.ceil(WARMUP_S / est)))}
