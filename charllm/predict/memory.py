@@ -115,6 +115,9 @@ class MemoryQuery:
     world_size: int = 1
     overlap: bool = False
     reshard_after_forward: bool = True  # FSDP: ZeRO-3 (True) or weights kept gathered per step
+    # torch: fp32 weights under bf16 autocast, cast in every micro batch (None: as the engine does
+    # now, ``timing.fp32_weights``; runs recorded before ``opt.bf16_params`` say so themselves)
+    fp32_weights: bool | None = None
 
     @property
     def grad_accum(self) -> int:

@@ -150,16 +150,17 @@ def _stage_layers(n: int, pp: int) -> list[int]:
 def fp32_weights(q: MemoryQuery) -> bool:
     """Whether the torch engine keeps fp32 weights under bf16 autocast (cast in every micro batch).
 
-    One GPU keeps bf16 compute copies (``opt.bf16_params``, FSDP2 on a one-rank mesh), FSDP and
-    ZeRO-2/3 cast at the gather; DDP, tp and pp runs cast under autocast.
+    The query's own ``fp32_weights`` where it is known (a recorded run); else as the engine does
+    now: one GPU keeps bf16 compute copies (``opt.bf16_params``, FSDP2 on a one-rank mesh), FSDP
+    and ZeRO-2/3 cast at the gather; DDP, tp and pp runs cast under autocast.
     """
+    if q.fp32_weights is not None:
+        return q.fp32_weights
     sharded = q.fsdp or q.zero in (2, 3)
     return q.engine == "torch" and q.precision == "bf16" and not sharded and q.world_size > 1
 
 
-def _mb_compute_roofline(
-    q: MemoryQuery, layers: int, first: bool, last: bool, fp32_w: bool | None = None
-) -> tuple[float, float]:
+def _mb_compute_roofline(q: MemoryQuery, layers: int, first: bool, last: bool) -> tuple[float, float]:
     """(seconds, device-busy seconds) of one micro batch on one stage, fwd + bwd."""
     shape = q.model
     tokens = q.micro_batch * q.seq_len / max(1, q.cp)
@@ -170,7 +171,7 @@ def _mb_compute_roofline(
     peak = peak_flops(q.gpu_type if q.gpu_type != "cpu" else "h100", q.precision) or 989e12
     eff = efficiency(q) * (RECOMPUTE_EFF_GAIN if q.recompute == "full" else 1.0)
     t_gpu = flops / (peak * eff)
-    if fp32_weights(q) if fp32_w is None else fp32_w:
+    if fp32_weights(q):
         stage = 0 if first else (q.pp - 1 if last else min(1, q.pp - 1))
         t_gpu += stage_params(q, stage) * AUTOCAST_BYTES_PER_PARAM / HBM_BYTES_S.get(q.gpu_type, 3.35e12)
     t_host = (layers + (1 if last else 0)) * host_s_per_layer(q)
@@ -215,14 +216,8 @@ def usable(p: LayerProfile, q: MemoryQuery) -> bool:
     return same and (p.recompute == q.recompute or (p.recompute == "none" and q.recompute == "full"))
 
 
-def predict_step(
-    q: MemoryQuery, profiles: ProfileSet | None = None, links: Links | None = None, fp32_w: bool | None = None
-) -> StepEstimate:
-    """Predicted step of one cell (seconds, MFU, power, energy of all GPUs).
-
-    ``fp32_w``: the run keeps fp32 weights under autocast (None: as the engine does now,
-    :func:`fp32_weights`; the cells recorded before ``opt.bf16_params`` existed did on one GPU too).
-    """
+def predict_step(q: MemoryQuery, profiles: ProfileSet | None = None, links: Links | None = None) -> StepEstimate:
+    """Predicted step of one cell (seconds, MFU, power, energy of all GPUs)."""
     links = links or Links()
     shape = q.model
     accum = q.grad_accum
@@ -240,7 +235,7 @@ def predict_step(
             # a profile taken on a faster host does not beat the fastest kernel-launch rate recorded
             t = max(busy, (n + (1 if last else 0)) * host_s_per_layer(q) * HOST_FLOOR_SHARE)
         else:
-            t, busy = _mb_compute_roofline(q, n, first, last, fp32_w)
+            t, busy = _mb_compute_roofline(q, n, first, last)
         # TP: 4 all-reduces of the micro batch's activations per layer (2 forward, 2 backward)
         act_bytes = q.micro_batch * q.seq_len / max(1, q.cp) * shape.hidden * 2
         tp_comm = 4 * n * _ring_s(act_bytes, q.tp, _bw(links, q.tp))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import replace
 
 import pytest
 
@@ -122,8 +123,8 @@ def test_time_model_on_every_recorded_cell() -> None:
     groups: dict[str, list[tuple[Recorded, float, float]]] = {}
     errs = []
     for r in OK:
-        q = memory.query_of_job_cell(r.cell)
-        est = timing.predict_step(q, fp32_w=_fp32_weights(r))
+        q = replace(memory.query_of_job_cell(r.cell), fp32_weights=_fp32_weights(r))
+        est = timing.predict_step(q)
         meas = r.metrics["step_time_median_s"]
         err = est.step_s / meas - 1
         errs.append(abs(err))
