@@ -262,24 +262,22 @@ class LayerProfiler:
         ids = self.ids
         span = self.clock.span
         # the next micro batch's start closes the previous one's embedding backward (same step)
-        step_of = {}
-        for k, (_, first_mb, _, _) in enumerate(self.step_marks):
-            step_of[first_mb] = k
+        step_starts = {first_mb for _, first_mb, _, _ in self.step_marks}
         for n, (a, b) in enumerate(zip(self.mb_marks, self.mb_marks[1:], strict=False)):
-            if n + 1 not in step_of:
+            if n + 1 not in step_starts:
                 a.setdefault("next", b["mb_start"])
         first, last = ids[0], ids[-1]
         pos = {b: k for k, b in enumerate(ids)}
         stack = ["next", "root_end", f"f{first}", f"fe{last}", f"go{last}", f"gi{first}"]
 
+        def fwd_end(i: int) -> str:
+            """A timed block's forward ends where the next block starts (the last: at its end)."""
+            return f"f{ids[pos[i] + 1]}" if i != last else f"fe{i}"
+
         def complete(m: dict[str, Any]) -> bool:
-            if not all(k in m for k in stack):
-                return False
-            for i in m["timed"]:
-                after = f"f{ids[pos[i] + 1]}" if i != last else f"fe{i}"
-                if not all(k in m for k in (f"f{i}", after, f"go{i}", f"gi{i}")):
-                    return False
-            return True
+            return all(k in m for k in stack) and all(
+                k in m for i in m["timed"] for k in (f"f{i}", fwd_end(i), f"go{i}", f"gi{i}")
+            )
 
         done = [m for m in self.mb_marks if complete(m)]
         probed = [m for m in done if m["probe"]]
@@ -297,9 +295,8 @@ class LayerProfiler:
             cols["stack_b"].append(span(m[f"go{last}"], m[f"gi{first}"]))
             cols["batch"].append(span(m["mb_start"], m["next"]))
             for i in m["timed"]:
-                # to the next block's start (host time between two blocks is the first one's)
-                after = m[f"f{ids[pos[i] + 1]}"] if i != last else m[f"fe{i}"]
-                cols[f"f{i}"].append(span(m[f"f{i}"], after))
+                # host time between two blocks is the first one's
+                cols[f"f{i}"].append(span(m[f"f{i}"], m[fwd_end(i)]))
                 cols[f"b{i}"].append(span(m[f"go{i}"], m[f"gi{i}"]))
         for m in probed:
             acts["emb"].append(m[f"m{first}"] - m["mem_start"])
@@ -308,7 +305,7 @@ class LayerProfiler:
             for i in ids:
                 acts[f"a{i}"].append(m[f"me{i}"] - m[f"m{i}"])
 
-        def med(key: str) -> float:  # a mean: the parts must add up to the whole
+        def mean(key: str) -> float:  # means: the parts must add up to the whole
             return float(statistics.fmean(cols[key]))
 
         def amed(key: str) -> int:
@@ -317,22 +314,22 @@ class LayerProfiler:
 
         def shares(kind: str, total: float) -> dict[int, float]:
             """The stack's time split by the timed blocks' means (a block never timed: their mean)."""
-            own = {i: med(f"{kind}{i}") for i in ids if cols.get(f"{kind}{i}")}
-            mean = statistics.fmean(own.values()) if own else 1.0
-            raw = {i: own.get(i, mean) for i in ids}
+            own = {i: mean(f"{kind}{i}") for i in ids if cols.get(f"{kind}{i}")}
+            typical = statistics.fmean(own.values()) if own else 1.0
+            raw = {i: own.get(i, typical) for i in ids}
             tot = math.fsum(raw.values())
             return {i: total * v / tot if tot > 0 else total / len(ids) for i, v in raw.items()}
 
-        fwd = shares("f", med("stack_f"))
-        bwd = shares("b", med("stack_b"))
+        fwd = shares("f", mean("stack_f"))
+        bwd = shares("b", mean("stack_b"))
         model = self.model
         emb_params = self._params_of(model, ("tok_emb", "pos_emb"))
         head_params = self._params_of(model, ("norm", "output"))
-        layers = [self._cost("embedding", "embedding", med("emb_f"), med("emb_b"), amed("emb"), emb_params)]
+        layers = [self._cost("embedding", "embedding", mean("emb_f"), mean("emb_b"), amed("emb"), emb_params)]
         for i in ids:
             blk = self.originals[str(i)]
             layers.append(self._cost(f"block.{i}", "block", fwd[i], bwd[i], amed(f"a{i}"), list(blk.parameters())))
-        layers.append(self._cost("head", "head", med("head_f"), med("head_b"), amed("head"), head_params))
+        layers.append(self._cost("head", "head", mean("head_f"), mean("head_b"), amed("head"), head_params))
         timed_steps = [s for s in self.step_marks if not self.mb_marks[s[1]]["probe"]] or self.step_marks
         overheads = [span(a, self.mb_marks[k]["mb_start"]) + span(o[1], b) for a, k, o, b in timed_steps]
         step_walls = [span(a, b) for a, _, _, b in timed_steps]
@@ -350,7 +347,7 @@ class LayerProfiler:
             model=cell.model,
             layers=tuple(layers),
             optimizer_step_s=opt_s,
-            batch_time_s=med("batch"),
+            batch_time_s=mean("batch"),
             step_overhead_s=max(0.0, float(statistics.fmean(overheads))) if overheads else 0.0,
             step_time_s=step_time_s,
             grad_accum=cell.grad_accum,
